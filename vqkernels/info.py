@@ -1,0 +1,53 @@
+"""``python -m vqkernels.info``: versions, build flags and every backend's availability with the reason."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import __version__, _ext
+from .dispatch import BACKENDS
+
+
+def collect() -> dict:
+    """Everything ``info`` prints, as a dict (also stamped into benchmark JSON)."""
+    try:
+        import triton  # noqa: F401
+
+        triton_version = triton.__version__
+    except Exception as e:  # noqa: BLE001
+        triton_version = f"not importable ({type(e).__name__})"
+    return {
+        "vqkernels": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "extension": "loaded" if _ext.available() else f"missing: {_ext.load_error}",
+        "extension_cuda": _ext.with_cuda(),
+        "backends": {name: (b.why_not() or "available") for name, b in BACKENDS.items()},
+    }
+
+
+def main() -> None:
+    info = collect()
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if key == "backends":
+            continue
+        print(f"{key:<{width}}  {value}")
+    print("backends:")
+    for name, b in BACKENDS.items():
+        why = b.why_not()
+        state = "available" if why is None else f"unavailable: {why}"
+        print(f"  {name:<8} [{', '.join(b.devices)}] {state}\n           {b.summary}")
+
+
+if __name__ == "__main__":
+    main()
