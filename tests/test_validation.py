@@ -1,0 +1,133 @@
+"""Bad input gets a clear ValueError/TypeError naming the argument; backend selection explains itself."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import cpu_backends
+
+import vqkernels as vq
+from vqkernels import dispatch
+
+X = torch.randn(10, 4)
+CB = torch.randn(6, 4)
+
+SEARCH_CASES = [
+    ("x 1-D", dict(x=torch.randn(4)), ValueError, "x must be a 2-D"),
+    ("x 3-D", dict(x=torch.randn(2, 3, 4)), ValueError, "x must be a 2-D"),
+    ("codebook 1-D", dict(codebook=torch.randn(4)), ValueError, "codebook must be a 2-D"),
+    ("D mismatch", dict(codebook=torch.randn(6, 5)), ValueError, "same D"),
+    ("empty codebook", dict(codebook=torch.randn(0, 4)), ValueError, "at least one code"),
+    ("integer x", dict(x=torch.ones(10, 4, dtype=torch.int64)), TypeError, "x must be float"),
+    ("integer codebook", dict(codebook=torch.ones(6, 4, dtype=torch.int32)), TypeError, "codebook must be float"),
+    ("mixed dtypes", dict(x=torch.randn(10, 4, dtype=torch.float64)), TypeError, "same dtype"),
+    ("device mismatch", dict(codebook=torch.randn(6, 4, device="meta")), ValueError, "same device"),
+    ("nan codebook", dict(codebook=torch.tensor([[float("nan")] * 4] * 6)), ValueError, "codebook contains non-finite"),
+    ("inf codebook", dict(codebook=CB.clone().index_fill_(0, torch.tensor([3]), float("inf"))), ValueError,
+     "codebook contains non-finite"),
+    ("nan x", dict(x=X.clone().index_fill_(0, torch.tensor([7]), float("nan"))), ValueError, "x contains non-finite"),
+    ("bad metric", dict(metric="euclid"), ValueError, "metric must be"),
+    ("non-bool exact", dict(exact=1), TypeError, "exact must be a bool"),
+    ("not a tensor", dict(x=[[1.0] * 4]), TypeError, "x must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("fn", [vq.nearest_code, vq.quantize], ids=["nearest_code", "quantize"])
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", SEARCH_CASES, ids=[c[0] for c in SEARCH_CASES])
+def test_bad_search_input(case, backend, fn):
+    _, override, exc, msg = case
+    args = dict(x=X, codebook=CB, metric="l2", exact=False) | override
+    with pytest.raises(exc, match=msg):
+        fn(args["x"], args["codebook"], metric=args["metric"], exact=args["exact"], backend=backend)
+
+
+CODE_STATS_CASES = [
+    ("codes int32", dict(codes=torch.zeros(10, dtype=torch.int32)), TypeError, "codes must be int64"),
+    ("codes wrong length", dict(codes=torch.zeros(9, dtype=torch.int64)), ValueError, "codes must have shape"),
+    ("codes 2-D", dict(codes=torch.zeros(10, 1, dtype=torch.int64)), ValueError, "codes must have shape"),
+    ("num_codes 0", dict(num_codes=0), ValueError, "num_codes"),
+    ("num_codes float", dict(num_codes=3.0), ValueError, "num_codes"),
+    ("x integer", dict(x=torch.ones(10, 4, dtype=torch.int64)), TypeError, "x must be float"),
+    ("codes out of range", dict(codes=torch.full((10,), 6)), ValueError, "codes must lie in"),
+    ("negative code", dict(codes=torch.full((10,), -1)), ValueError, "codes must lie in"),
+    ("device mismatch", dict(codes=torch.zeros(10, dtype=torch.int64, device="meta")), ValueError, "same device"),
+]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", CODE_STATS_CASES, ids=[c[0] for c in CODE_STATS_CASES])
+def test_bad_code_stats_input(case, backend):
+    _, override, exc, msg = case
+    args = dict(x=X, codes=torch.zeros(10, dtype=torch.int64), num_codes=6) | override
+    with pytest.raises(exc, match=msg):
+        vq.code_stats(args["x"], args["codes"], args["num_codes"], backend=backend)
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="C++ extension not built")
+def test_cpp_ops_check_their_arguments_too():
+    ops = torch.ops.vqkernels
+    with pytest.raises(ValueError, match="same D"):
+        ops.nearest_code(X, torch.randn(6, 5), "l2", False)
+    with pytest.raises(TypeError, match="same dtype"):
+        ops.quantize(X, CB.double(), "l2", False)
+    with pytest.raises(ValueError, match="metric must be"):
+        ops.quantize(X, CB, "manhattan", False)
+    with pytest.raises(ValueError, match="at least one code"):
+        ops.nearest_code(X, CB[:0], "l2", False)
+    with pytest.raises(ValueError, match="codes must lie in"):
+        ops.code_stats(X, torch.full((10,), 9), 6)
+
+
+def test_unknown_and_wrong_device_backend():
+    with pytest.raises(ValueError, match="backend must be"):
+        vq.nearest_code(X, CB, backend="tpu")
+    with pytest.raises(ValueError, match="runs on cpu"):
+        dispatch.select("cpu", torch.device("cuda"))
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    fake = dispatch.Backend("cpu", ("cpu",), lambda: "it was not compiled (test)", "")
+    monkeypatch.setitem(dispatch.BACKENDS, "cpu", fake)
+    with pytest.raises(RuntimeError, match="it was not compiled"):
+        vq.nearest_code(X, CB, backend="cpu")
+    assert dispatch.select("auto", torch.device("cpu")) == "torch"
+
+
+def test_import_without_extension_falls_back_to_reference():
+    code = (
+        "import sys; sys.modules['vqkernels._C'] = None\n"
+        "import torch, vqkernels as vq\n"
+        "from vqkernels import _ext, dispatch\n"
+        "assert not _ext.available() and 'vqkernels._C' in _ext.load_error, _ext.load_error\n"
+        "x, cb = torch.randn(50, 8), torch.randn(20, 8)\n"
+        "codes, _ = vq.nearest_code(x, cb)\n"
+        "assert torch.equal(codes, torch.cdist(x.double(), cb.double()).argmin(1))\n"
+        "try:\n"
+        "    vq.nearest_code(x, cb, backend='cpu')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not built' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+        "print('OK')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr
+
+
+def test_info_lists_every_backend(capsys):
+    from vqkernels import info
+
+    info.main()
+    out = capsys.readouterr().out
+    for name in dispatch.BACKENDS:
+        assert name in out
+    assert "torch" in out and "backends:" in out
+
+
+def test_empty_batch_returns_empty_results():
+    for backend in cpu_backends():
+        q = vq.quantize(X[:0], CB, backend=backend)
+        assert q.codes.shape == (0,) and q.z_q.shape == (0, 4) and q.dist.shape == (0,)
+        assert torch.equal(q.counts, torch.zeros(6, dtype=torch.int64))
