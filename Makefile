@@ -3,7 +3,7 @@
 #   make test PYTHON=python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
-PY_DEPS     ?= numpy scipy pytest ninja wheel rich tqdm matplotlib
+PY_DEPS     ?= numpy scipy scikit-learn pytest ninja wheel rich tqdm matplotlib
 MAX_JOBS    ?= 2
 
 ifeq ($(origin PYTHON), undefined)
