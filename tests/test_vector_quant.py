@@ -98,26 +98,30 @@ def test_affine_forward_and_gradient_scaling(groups):
 
 
 def test_running_statistics_affine():
-    vq, x = _layer(affine_mode="running", affine_groups=2), _x() * 3 + 1
-    c = vq.codebook.weight.detach().clone()
-    vq.train()
-    _, out = vq(x)
+    vq = _layer(affine_mode="running", affine_groups=2)
+    xs = [_x(seed=s) * 3 + 1 for s in (1, 2)]
     at = vq.affine_transform
-    x_mean, x_var = 0.1 * x.mean(0), 0.1 * x.var(0, unbiased=False) + 0.9
-    blocks = c.view(2, 5, 6)
-    c_mean, c_var = 0.1 * blocks.mean(1), 0.1 * blocks.var(1, unbiased=False) + 0.9
-    torch.testing.assert_close(at.running_x_mean.double(), x_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(at.running_x_var.double(), x_var, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(at.running_c_mean.double(), c_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(at.running_c_var.double(), c_var, rtol=1e-5, atol=1e-6)
-    a = torch.sqrt(x_var / (c_var + 1e-8))
-    eff = (blocks * a[:, None] + (x_mean - a * c_mean)[:, None]).view(10, 6)
-    torch.testing.assert_close(vq.get_codebook().double(), eff, rtol=1e-5, atol=1e-6)
-    assert torch.equal(out["q"].squeeze(-1), _nearest(x, vq.get_codebook()))  # the search used the new stats
+    vq.train()
+    blocks = vq.codebook.weight.detach().clone().view(2, 5, 6)
+    c_mean, c_var = blocks.mean(1), blocks.var(1, unbiased=False)
+    x_mean, x_var = xs[0].mean(0), xs[0].var(0, unbiased=False)  # the first update copies the batch moments
+    for step, x in enumerate(xs):
+        _, out = vq(x)
+        if step == 1:  # then r <- 0.1 new + 0.9 r
+            x_mean, x_var = 0.1 * x.mean(0) + 0.9 * x_mean, 0.1 * x.var(0, unbiased=False) + 0.9 * x_var
+        torch.testing.assert_close(at.running_ze_mean.double(), x_mean.expand(2, 6), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(at.running_ze_var.double(), x_var.expand(2, 6), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(at.running_c_mean.double(), c_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(at.running_c_var.double(), c_var, rtol=1e-5, atol=1e-6)
+        a = torch.sqrt(x_var / (c_var + 1e-8))
+        eff = (blocks * a[:, None] + (x_mean - a * c_mean)[:, None]).view(10, 6)
+        torch.testing.assert_close(vq.get_codebook().double(), eff, rtol=1e-5, atol=1e-6)
+        assert torch.equal(out["q"].squeeze(-1), _nearest(x, vq.get_codebook()))  # the search used the new stats
+    assert {"affine_transform.running_ze_mean", "affine_transform.running_statistics_initialized"} <= set(vq.state_dict())
     vq.eval()
-    before = at.running_x_mean.clone()
-    vq(x)
-    assert torch.equal(before, at.running_x_mean)
+    before = at.running_ze_mean.clone()
+    vq(xs[0])
+    assert torch.equal(before, at.running_ze_mean)
 
 
 def test_affine_groups_must_divide_codes():

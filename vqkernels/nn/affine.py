@@ -4,7 +4,10 @@ Codes are split into ``groups`` contiguous blocks of K/G codes; code k of block 
 ``c_hat_k = A_g * c_k + bias_g``. Learned mode: ``A = 1 + lr_scale * scale``, ``bias = lr_scale * bias_param`` with
 both parameters initialised to 0 (so the layer starts as the identity and ``lr_scale`` scales their gradients).
 Running mode: ``A = sqrt(var_x / (var_c + 1e-8))``, ``bias = mean_x - A * mean_c`` from running averages
-(momentum 0.1) of the per-dimension moments of the inputs and of each code block.
+(momentum 0.1) of the per-dimension moments of the inputs and of each code block. As in vqtorch, the first update
+copies the batch moments instead of blending them into the (0, 1) initial values, and the buffers carry vqtorch's
+names (``running_ze_mean``, ``running_ze_var``, ``running_c_mean``, ``running_c_var``,
+``running_statistics_initialized``) so its checkpoints load.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ class AffineTransform(nn.Module):
             self.scale = nn.Parameter(torch.zeros(groups, feature_size))
             self.bias = nn.Parameter(torch.zeros(groups, feature_size))
         else:
-            self.register_buffer("running_x_mean", torch.zeros(feature_size))
-            self.register_buffer("running_x_var", torch.ones(feature_size))
+            self.register_buffer("running_statistics_initialized", torch.zeros(1))
+            # input moments are shared by all groups; kept [G, D] (equal rows) for vqtorch's checkpoint layout
+            self.register_buffer("running_ze_mean", torch.zeros(groups, feature_size))
+            self.register_buffer("running_ze_var", torch.ones(groups, feature_size))
             self.register_buffer("running_c_mean", torch.zeros(groups, feature_size))
             self.register_buffer("running_c_var", torch.ones(groups, feature_size))
 
@@ -39,8 +44,8 @@ class AffineTransform(nn.Module):
         """``(A, bias)``, each ``[G, D]``."""
         if self.mode == "learned":
             return 1.0 + self.lr_scale * self.scale, self.lr_scale * self.bias
-        a = torch.sqrt(self.running_x_var / (self.running_c_var + 1e-8))
-        return a, self.running_x_mean - a * self.running_c_mean
+        a = torch.sqrt(self.running_ze_var / (self.running_c_var + 1e-8))
+        return a, self.running_ze_mean - a * self.running_c_mean
 
     def forward(self, codebook: Tensor) -> Tensor:
         """``[K, D]`` raw codes -> ``[K, D]`` effective codes."""
@@ -61,14 +66,16 @@ class AffineTransform(nn.Module):
         """Running mode only: fold the moments of ``x [N, D]`` and of each block of ``codebook [K, D]`` in."""
         if self.mode != "running" or x.shape[0] == 0:
             return
-        m = self.momentum
         # moments in the buffers' dtype (fp32 unless the module was converted), never in a low-precision input's
-        x32 = x.to(self.running_x_mean.dtype)
+        x32 = x.to(self.running_ze_mean.dtype)
         blocks = codebook.to(self.running_c_mean.dtype).view(self.groups, -1, codebook.shape[1])
-        self.running_x_mean.lerp_(x32.mean(0), m)
-        self.running_x_var.lerp_(x32.var(0, unbiased=False), m)
-        self.running_c_mean.lerp_(blocks.mean(1), m)
-        self.running_c_var.lerp_(blocks.var(1, unbiased=False), m)
+        new = (x32.mean(0).expand_as(self.running_ze_mean), x32.var(0, unbiased=False).expand_as(self.running_ze_var),
+               blocks.mean(1), blocks.var(1, unbiased=False))
+        bufs = (self.running_ze_mean, self.running_ze_var, self.running_c_mean, self.running_c_var)
+        m = self.momentum if bool(self.running_statistics_initialized.item()) else 1.0
+        for buf, value in zip(bufs, new):
+            buf.lerp_(value, m)  # r <- m new + (1 - m) r
+        self.running_statistics_initialized.fill_(1)
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, mode={self.mode}, lr_scale={self.lr_scale}"

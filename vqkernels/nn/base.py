@@ -111,6 +111,21 @@ class VQBase(nn.Module):
         if inplace_optimizer is not None:
             self.inplace_codebook_optimizer = inplace_optimizer(self._codebook_params())
 
+    # Bookkeeping buffers that vqtorch / CVQ-VAE checkpoints do not hold: loading such a checkpoint keeps their
+    # current values instead of failing a strict load (they restart, as they would in the original code).
+    _OPTIONAL_STATE = ("lru_counters", "embed_prob", "anchor_initialized", "feature_pool", "pool_filled",
+                       "affine_transform.running_statistics_initialized")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        legacy = prefix + "_counts"  # vqtorch's LRU counters (float)
+        if legacy in state_dict and hasattr(self, "lru_counters"):
+            state_dict[prefix + "lru_counters"] = state_dict.pop(legacy).round().to(torch.int64)
+        own = dict(self.named_buffers())
+        for name in self._OPTIONAL_STATE:
+            if name in own and prefix + name not in state_dict:
+                state_dict[prefix + name] = own[name].detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _codebook_params(self) -> list[nn.Parameter]:
         params = [self.codebook_weight]
         if hasattr(self, "affine_transform") and self.affine_transform.mode == "learned":

@@ -30,6 +30,11 @@ def gather_codes(codebook: Tensor, codes: Tensor) -> Tensor:
     return _GatherCodes.apply(codebook, codes)
 
 
+def upcast(t: Tensor) -> Tensor:
+    """``t`` in fp32, or fp64 when it is fp64: the precision of losses and statistics."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def perplexity(counts: Tensor) -> Tensor:
     """``exp(-sum_k p_k log p_k)`` with ``p = counts / counts.sum()`` (METHODS §5); 0-dim fp32."""
     p = counts.to(torch.float32) / counts.sum().clamp_min(1).to(torch.float32)
@@ -47,6 +52,7 @@ def straight_through(x: Tensor, z_q: Tensor, nu: float = 0.0) -> Tensor:
 
 
 def convex_vq_loss(x: Tensor, z_q: Tensor, beta: float) -> Tensor:
-    """vqtorch's loss ``(1 - beta) mean((x - sg(z_q))^2) + beta mean((sg(x) - z_q)^2)`` in fp32 (METHODS §2.1)."""
-    x32, q32 = x.float(), z_q.float()
+    """vqtorch's loss ``(1 - beta) mean((x - sg(z_q))^2) + beta mean((sg(x) - z_q)^2)`` (METHODS §2.1), in fp32
+    (fp64 for fp64 inputs)."""
+    x32, q32 = upcast(x), upcast(z_q)
     return (1.0 - beta) * ((x32 - q32.detach()) ** 2).mean() + beta * ((x32.detach() - q32) ** 2).mean()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Segment, VQBase, move_features_last
-from .functional import perplexity, straight_through
+from .functional import perplexity, straight_through, upcast
 
 DISTANCES = {"cos": "cosine", "l2": "l2"}
 
@@ -45,17 +45,21 @@ class VectorQuantiser(VQBase):
         self.num_embed, self.embed_dim, self.beta, self.distance = num_embed, embed_dim, float(beta), distance
         self.contras_loss, self.decay, self.return_encodings = contras_loss, anchor_decay, return_encodings
 
-    def forward(self, z: Tensor):
+    def forward(self, z: Tensor, temp=None, rescale_logits: bool = False, return_logits: bool = False):
+        # the extra arguments exist for interface compatibility with Gumbel quantisers, as in CVQ-VAE
+        if temp not in (None, 1.0) or rescale_logits or return_logits:
+            raise ValueError("temp, rescale_logits and return_logits exist only for interface compatibility "
+                             "(temp must be None or 1.0, the others False)")
         x = move_features_last(z, 1, self.embed_dim)
         if not self.enabled:
             return z, torch.zeros((), device=z.device), (None, None, None)
         xf = x.reshape(-1, self.embed_dim)
         cb = self.effective_codebook()
         res = self._search(xf, cb)
-        x32, q32 = xf.float(), res.z_q.float()
+        x32, q32 = upcast(xf), upcast(res.z_q)
         # VQ-VAE convention (van den Oord et al. 2017, eq. 3): beta weighs the commitment term
         loss = self.beta * ((q32.detach() - x32) ** 2).mean() + ((q32 - x32.detach()) ** 2).mean()
-        if self.contras_loss:
+        if self.contras_loss and self.training:  # as CVQ-VAE: the contrastive term is a training loss
             loss = loss + self._contrastive_loss(xf, cb)
         out = straight_through(xf, res.z_q)
         self._after_forward([Segment(xf.detach(), 0, self.num_embed)], res.counts)

@@ -73,7 +73,7 @@ class VectorQuant(VQBase):
         cb = self.effective_codebook()
         res = self._search(xf, cb)
         loss = convex_vq_loss(xf, res.z_q, self.beta)
-        if self.contrastive:
+        if self.contrastive and self.training:  # CVQ adds it in training only
             loss = loss + self._contrastive_loss(xf, cb)
         out_rows = straight_through(xf, res.z_q, self.nu)
         self._after_forward(segments, res.counts)
