@@ -1,6 +1,10 @@
 // Python module stub so that `import vqkernels._C` loads the library and runs its op registrations.
 #include <Python.h>
 
+namespace vqkernels::cpu {
+const char* bf16_tile_kernel();  // csrc/cpu/search.cpp
+}
+
 static struct PyModuleDef vqk_module = {PyModuleDef_HEAD_INIT, "_C", "vqkernels C++/CUDA ops", -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
@@ -10,5 +14,6 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(m, "with_cuda", 0);
 #endif
+  PyModule_AddStringConstant(m, "cpu_bf16_tile_kernel", vqkernels::cpu::bf16_tile_kernel());
   return m;
 }

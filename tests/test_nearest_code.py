@@ -136,3 +136,21 @@ def test_torch_compile_fullgraph(backend):
     ref_codes, ref_dist = vq.nearest_code(x * 2, cb, backend=backend)
     assert torch.equal(codes, ref_codes)
     torch.testing.assert_close(s, ref_dist.sum())
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("tile_env", [{}, {"VQK_CPU_BN": "40", "VQK_CPU_BM": "13"}, {"VQK_CPU_BF16_BRGEMM": "1"}],
+                         ids=["default", "small-tiles", "brgemm"])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("exact", [False, True])
+def test_cpu_bf16_tile_paths(tile_env, metric, exact, monkeypatch):
+    """The bf16 micro-kernel (packed 32-code panels, 12-row micro-tiles, padded odd D) and ATen's brgemm path, on
+    shapes that leave partial panels, partial micro-tiles and several code blocks."""
+    for name, value in tile_env.items():
+        monkeypatch.setenv(name, value)
+    for n, k, d in [(37, 77, 5), (300, 1000, 64), (25, 33, 1)]:
+        x, cb = make_inputs(n, k, d, torch.bfloat16, seed=n)
+        codes, dist = vq.nearest_code(x, cb, metric=metric, exact=exact, backend="cpu")
+        check_search(x, cb, metric, codes, dist, exact)
+        q = vq.quantize(x, cb, metric=metric, exact=exact, backend="cpu")
+        assert torch.equal(q.codes, codes) and torch.equal(q.counts, torch.bincount(codes, minlength=k))

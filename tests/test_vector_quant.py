@@ -367,3 +367,27 @@ def test_residual_vector_quant(share):
         r = r - cb[codes]
     torch.testing.assert_close(z_q, total)
     assert out["q"].shape == (30, 3)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_loss_and_straight_through_functions(beta):
+    """The fused autograd nodes against the stop-gradient expressions they replace (values and gradients)."""
+    from vqkernels.nn.functional import convex_vq_loss, straight_through, vqvae_loss
+
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    refs = {
+        convex_vq_loss: lambda: (1 - beta) * ((x - q.detach()) ** 2).mean() + beta * ((x.detach() - q) ** 2).mean(),
+        vqvae_loss: lambda: beta * ((q.detach() - x) ** 2).mean() + ((q - x.detach()) ** 2).mean(),
+    }
+    for fn, ref in refs.items():
+        got, want = fn(x, q, beta), ref()
+        torch.testing.assert_close(got, want)
+        for a, b in zip(torch.autograd.grad(got, (x, q), allow_unused=True, materialize_grads=True),
+                        torch.autograd.grad(want, (x, q), allow_unused=True, materialize_grads=True)):
+            torch.testing.assert_close(a, b)
+    out = straight_through(x, q, 2.0)
+    assert torch.equal(out, q)
+    g = torch.randn(5, 3, dtype=torch.float64)
+    gx, gq = torch.autograd.grad(out, (x, q), g)
+    assert torch.equal(gx, g) and torch.equal(gq, 2.0 * g)

@@ -31,6 +31,7 @@ def collect() -> dict:
         "threads": torch.get_num_threads(),
         "extension": "loaded" if _ext.available() else f"missing: {_ext.load_error}",
         "extension_cuda": _ext.with_cuda(),
+        "cpu_bf16_tile_kernel": getattr(_ext.C, "cpu_bf16_tile_kernel", None) if _ext.available() else None,
         "backends": {name: (b.why_not() or "available") for name, b in BACKENDS.items()},
     }
 

@@ -22,6 +22,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <optional>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -105,14 +107,99 @@ struct TileGemm {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
+// bf16 tile GEMM on AVX512-BF16 (vdpbf16ps): ATen's brgemm has no fast bf16 path on CPUs with AVX512-BF16 but no
+// AMX (it falls back to a generic GEMM at under half the dpbf16 peak), so bf16 gets its own register-blocked
+// micro-kernel. The codebook is packed once per call into panels of 32 codes in VNNI pair order
+// (panel p, pair j: [c_0(2j), c_0(2j+1), c_1(2j), ..., c_31(2j+1)], two zmm); an x block is packed per row block
+// into D2 = ceil(D/2) 32-bit pairs per row (odd D and missing codes are zero-padded, which adds 0 to the dot).
+// Each pair of products is exact in fp32 and accumulated in fp32 (vdpbf16ps: RNE, denormals flushed).
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int kBfPanel = 32;  // codes per packed panel (two zmm of 16 fp32 lanes)
+constexpr int kBfMR = 12;     // rows per micro-tile: 24 accumulators + 2 B panels + 1 broadcast of 32 zmm
+
+#ifdef VQK_X86
+bool cpu_has_avx512bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// c[r, 0:32] = sum_j dot2(a[r, j], b[j, :]) for r < kBfMR; a: kBfMR rows of D2 pairs (stride D2), b: D2 x 2 zmm.
+__attribute__((target("avx512f,avx512bf16"))) void bf16_microkernel(const uint32_t* a, int64_t D2,
+                                                                    const uint16_t* b, float* c, int64_t ldc) {
+  __m512 acc0[kBfMR], acc1[kBfMR];
+#pragma GCC unroll 12
+  for (int r = 0; r < kBfMR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < D2; ++j) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + j * 2 * kBfPanel);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + j * 2 * kBfPanel + kBfPanel);
+#pragma GCC unroll 12
+    for (int r = 0; r < kBfMR; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * D2 + j]));
+      acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
+      acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < kBfMR; ++r) {
+    _mm512_storeu_ps(c + r * ldc, acc0[r]);
+    _mm512_storeu_ps(c + r * ldc + 16, acc1[r]);
+  }
+}
+#endif
+
+// The packed codebook and the per-thread x packing of the bf16 path.
+struct Bf16Packed {
+  int64_t D, D2, K, panels;
+  std::vector<uint16_t> b;  // panels x D2 x 64 bf16 bit patterns
+
+  Bf16Packed(const at::BFloat16* cb, int64_t K_, int64_t D_)
+      : D(D_), D2((D_ + 1) / 2), K(K_), panels((K_ + kBfPanel - 1) / kBfPanel) {
+    b.assign(size_t(panels) * D2 * 2 * kBfPanel, 0);
+    at::parallel_for(0, panels, 16, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        uint16_t* dst = b.data() + size_t(p) * D2 * 2 * kBfPanel;
+        for (int64_t c = 0; c < kBfPanel && p * kBfPanel + c < K; ++c) {
+          const at::BFloat16* src = cb + (p * kBfPanel + c) * D;
+          for (int64_t d = 0; d < D; ++d) dst[(d / 2) * 2 * kBfPanel + 2 * c + (d & 1)] = src[d].x;
+        }
+      }
+    });
+  }
+
+  // rows r0..r0+m of x into `a` (round_up(m, kBfMR) rows of D2 pairs; padding rows and odd-D halves are 0).
+  void pack_rows(const at::BFloat16* x, int64_t r0, int64_t m, std::vector<uint32_t>& a) const {
+    const int64_t mp = (m + kBfMR - 1) / kBfMR * kBfMR;
+    a.assign(size_t(mp) * D2, 0u);
+    auto* a16 = reinterpret_cast<uint16_t*>(a.data());
+    for (int64_t r = 0; r < m; ++r) {
+      const at::BFloat16* src = x + (r0 + r) * D;
+      for (int64_t d = 0; d < D; ++d) a16[r * 2 * D2 + d] = src[d].x;
+    }
+  }
+
+#ifdef VQK_X86
+  // tile[r, 0:round_up(nb, 32)] (ld = ldt) = x_block . cb[kb : kb + nb]^T; kb is a multiple of kBfPanel.
+  void tile(const std::vector<uint32_t>& a, int64_t m, int64_t kb, int64_t nb, float* tile, int64_t ldt) const {
+    const int64_t p0 = kb / kBfPanel, p1 = (kb + nb + kBfPanel - 1) / kBfPanel;
+    for (int64_t r = 0; r < m; r += kBfMR) {
+      for (int64_t p = p0; p < p1; ++p) {
+        bf16_microkernel(a.data() + r * D2, D2, b.data() + size_t(p) * D2 * 2 * kBfPanel,
+                         tile + r * ldt + (p - p0) * kBfPanel, ldt);
+      }
+    }
+  }
+#endif
+};
+
+// ---------------------------------------------------------------------------------------------------------------
 // Epilogues. Codes are visited in increasing order and only a strictly smaller key replaces the best, so ties go
 // to the lowest index. w/o/kb are already offset to the tile's first code.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename acc_t>
-void argmin_tile_scalar(const acc_t* tile, int64_t m, int64_t nb, const acc_t* w, const acc_t* o, int64_t kb,
-                        acc_t* best, int64_t* bidx) {
+void argmin_tile_scalar(const acc_t* tile, int64_t m, int64_t nb, int64_t ld, const acc_t* w, const acc_t* o,
+                        int64_t kb, acc_t* best, int64_t* bidx) {
   for (int64_t r = 0; r < m; ++r) {
-    const acc_t* t = tile + r * nb;
+    const acc_t* t = tile + r * ld;
     acc_t b = best[r];
     int64_t bi = bidx[r];
     for (int64_t j = 0; j < nb; ++j) {
@@ -128,7 +215,7 @@ void argmin_tile_scalar(const acc_t* tile, int64_t m, int64_t nb, const acc_t* w
 }
 
 #ifdef VQK_X86
-__attribute__((target("avx512f"))) void argmin_tile_avx512(const float* tile, int64_t m, int64_t nb,
+__attribute__((target("avx512f"))) void argmin_tile_avx512(const float* tile, int64_t m, int64_t nb, int64_t ld,
                                                             const float* w, const float* o, int64_t kb,
                                                             float* best, int64_t* bidx) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -137,7 +224,7 @@ __attribute__((target("avx512f"))) void argmin_tile_avx512(const float* tile, in
   const int64_t nfull = nb & ~int64_t(15);
   const __mmask16 tail = static_cast<__mmask16>((1u << (nb - nfull)) - 1u);
   for (int64_t r = 0; r < m; ++r) {
-    const float* t = tile + r * nb;
+    const float* t = tile + r * ld;
     __m512 mv = inf;
     __m512i iv = _mm512_setzero_si512();
     __m512i jv = lane;
@@ -172,22 +259,22 @@ bool cpu_has_avx512() {
 #endif
 
 template <typename acc_t>
-void argmin_tile(const acc_t* tile, int64_t m, int64_t nb, const acc_t* w, const acc_t* o, int64_t kb,
+void argmin_tile(const acc_t* tile, int64_t m, int64_t nb, int64_t ld, const acc_t* w, const acc_t* o, int64_t kb,
                  acc_t* best, int64_t* bidx) {
 #ifdef VQK_X86
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu_has_avx512()) return argmin_tile_avx512(tile, m, nb, w, o, kb, best, bidx);
+    if (cpu_has_avx512()) return argmin_tile_avx512(tile, m, nb, ld, w, o, kb, best, bidx);
   }
 #endif
-  argmin_tile_scalar(tile, m, nb, w, o, kb, best, bidx);
+  argmin_tile_scalar(tile, m, nb, ld, w, o, kb, best, bidx);
 }
 
 // Exact mode keeps the kTopT smallest keys per row, sorted by (key, index).
 template <typename acc_t>
-void topk_tile(const acc_t* tile, int64_t m, int64_t nb, const acc_t* w, const acc_t* o, int64_t kb, acc_t* topv,
-               int64_t* topi) {
+void topk_tile(const acc_t* tile, int64_t m, int64_t nb, int64_t ld, const acc_t* w, const acc_t* o, int64_t kb,
+               acc_t* topv, int64_t* topi) {
   for (int64_t r = 0; r < m; ++r) {
-    const acc_t* t = tile + r * nb;
+    const acc_t* t = tile + r * ld;
     acc_t* tv = topv + r * kTopT;
     int64_t* ti = topi + r * kTopT;
     acc_t thr = tv[kTopT - 1];
@@ -285,13 +372,29 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
   const bool private_hist = want_hist && int64_t(nthreads) * K * 8 <= (int64_t(64) << 20);
   std::vector<int64_t> hist(private_hist ? size_t(nthreads) * K : 0, 0);
 
-  TileGemm<scalar_t> gemm(x, cb);
+  // bf16 on AVX512-BF16: packed micro-kernel (see Bf16Packed); otherwise ATen's brgemm / mm (TileGemm).
+  bool use_bf16_mk = false;
+#ifdef VQK_X86
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    use_bf16_mk = cpu_has_avx512bf16() && env_int("VQK_CPU_BF16_BRGEMM", 0) != 1;
+  }
+#endif
+  // The micro-kernel fills whole panels of codes, so its code blocks are multiples of the panel width.
+  const int64_t BNt = use_bf16_mk ? (BN + kBfPanel - 1) / kBfPanel * kBfPanel : BN;
+  const int64_t ldt = BNt;
+  std::unique_ptr<Bf16Packed> packed;
+  std::optional<TileGemm<scalar_t>> gemm;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (use_bf16_mk) packed = std::make_unique<Bf16Packed>(cp, K, D);
+  }
+  if (!use_bf16_mk) gemm.emplace(x, cb);
   std::atomic<bool> x_finite{true};
   const double u = unit_roundoff<acc_t>();
   const double gamma = 2.0 * double(D + 4) * u;  // 2x safety over the classic gamma_D dot-product bound
 
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> tile(size_t(BM) * BN);
+    std::vector<acc_t> tile(size_t(BM + kBfMR) * ldt);
+    std::vector<uint32_t> apack;
     std::vector<acc_t> best(BM);
     std::vector<int64_t> bidx(BM);
     std::vector<acc_t> topv(exact ? size_t(BM) * kTopT : 0);
@@ -317,13 +420,27 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
         std::fill(topv.begin(), topv.end(), std::numeric_limits<acc_t>::infinity());
         std::fill(topi.begin(), topi.end(), int64_t(-1));
       }
-      for (int64_t kb = 0; kb < K; kb += BN) {
-        const int64_t nb = std::min(BN, K - kb);
-        gemm(r0, m, kb, nb, tile.data());
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        if (use_bf16_mk) packed->pack_rows(xp, r0, m, apack);
+      }
+      for (int64_t kb = 0; kb < K; kb += BNt) {
+        const int64_t nb = std::min(BNt, K - kb);
+        int64_t ld = nb;
+        bool done = false;
+#ifdef VQK_X86
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          if (use_bf16_mk) {
+            packed->tile(apack, m, kb, nb, tile.data(), ldt);
+            ld = ldt;
+            done = true;
+          }
+        }
+#endif
+        if (!done) (*gemm)(r0, m, kb, nb, tile.data());
         if (exact) {
-          topk_tile(tile.data(), m, nb, w.data() + kb, o.data() + kb, kb, topv.data(), topi.data());
+          topk_tile(tile.data(), m, nb, ld, w.data() + kb, o.data() + kb, kb, topv.data(), topi.data());
         } else {
-          argmin_tile(tile.data(), m, nb, w.data() + kb, o.data() + kb, kb, best.data(), bidx.data());
+          argmin_tile(tile.data(), m, nb, ld, w.data() + kb, o.data() + kb, kb, best.data(), bidx.data());
         }
       }
       for (int64_t r = 0; r < m; ++r) {
@@ -376,7 +493,7 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
         if (my_hist != nullptr) ++my_hist[code];
       }
     }
-    gemm.release();
+    if (gemm) gemm->release();
   });
   TORCH_CHECK_VALUE(x_finite.load(), "x contains non-finite values (NaN or Inf)");
 
@@ -437,6 +554,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at
 }
 
 }  // namespace
+
+// Which tile GEMM bf16 inputs get on this CPU (reported by `python -m vqkernels.info`).
+const char* bf16_tile_kernel() {
+#ifdef VQK_X86
+  if (cpu_has_avx512bf16()) return "avx512_bf16 micro-kernel (VQK_CPU_BF16_BRGEMM=1: ATen brgemm)";
+#endif
+  return "ATen brgemm";
+}
 
 TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
   m.impl("nearest_code", &nearest_code_cpu);

@@ -30,29 +30,69 @@ def gather_codes(codebook: Tensor, codes: Tensor) -> Tensor:
     return _GatherCodes.apply(codebook, codes)
 
 
-def upcast(t: Tensor) -> Tensor:
-    """``t`` in fp32, or fp64 when it is fp64: the precision of losses and statistics."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def perplexity(counts: Tensor) -> Tensor:
     """``exp(-sum_k p_k log p_k)`` with ``p = counts / counts.sum()`` (METHODS §5); 0-dim fp32."""
     p = counts.to(torch.float32) / counts.sum().clamp_min(1).to(torch.float32)
     return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``z_q`` (exactly, as a new tensor); backward: ``g`` to ``x`` and ``nu * g`` to ``z_q``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, z_q: Tensor, nu: float) -> Tensor:
+        ctx.nu, ctx.x_dtype, ctx.q_dtype = nu, x.dtype, z_q.dtype
+        return z_q.to(torch.result_type(x, z_q), copy=True)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        gx = g.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gq = (ctx.nu * g).to(ctx.q_dtype) if ctx.needs_input_grad[1] and ctx.nu != 0.0 else None
+        return gx, gq, None
+
+
 def straight_through(x: Tensor, z_q: Tensor, nu: float = 0.0) -> Tensor:
-    """``x + sg(z_q - x) + nu * z_q - sg(nu * z_q)``: forward value ``z_q``; the gradient to ``x`` is the
-    identity and the codebook also receives ``nu`` x the downstream gradient (Huh et al. 2023, §4.2 synchronised
-    update)."""
-    out = x + (z_q - x).detach()
-    if nu != 0.0:
-        out = out + nu * z_q - (nu * z_q).detach()
-    return out
+    """``x + sg(z_q - x) + nu * z_q - sg(nu * z_q)``: forward value ``z_q`` (exactly: the expression's rounding is
+    skipped); the gradient to ``x`` is the identity and the codebook also receives ``nu`` x the downstream
+    gradient (Huh et al. 2023, §4.2 synchronised update). ``x``, ``z_q``: ``[N, D]``; one autograd node."""
+    return _StraightThrough.apply(x, z_q, float(nu))
+
+
+class _VQLoss(torch.autograd.Function):
+    """``w_x mean((x - sg(z_q))^2) + w_q mean((sg(x) - z_q)^2)`` in one node: both terms have the value
+    ``mean((x - z_q)^2)``, so the forward is one difference and one norm, and the backward recomputes the
+    difference (nothing N x D is saved beyond the inputs)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, z_q: Tensor, w_x: float, w_q: float) -> Tensor:
+        acc = torch.promote_types(torch.promote_types(x.dtype, z_q.dtype), torch.float32)
+        ctx.save_for_backward(x, z_q)
+        ctx.w, ctx.acc = (w_x, w_q), acc
+        diff = x.to(acc) - z_q.to(acc)
+        return (w_x + w_q) * torch.linalg.vector_norm(diff).square() / max(diff.numel(), 1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, z_q = ctx.saved_tensors
+        w_x, w_q = ctx.w
+        want_x = ctx.needs_input_grad[0] and w_x != 0.0
+        want_q = ctx.needs_input_grad[1] and w_q != 0.0
+        if not (want_x or want_q):
+            return None, None, None, None
+        diff = x.to(ctx.acc) - z_q.to(ctx.acc)
+        scale = 2.0 * g.to(ctx.acc) / max(diff.numel(), 1)
+        gx = (diff * (scale * w_x)).to(x.dtype) if want_x else None
+        gq = (diff * (-scale * w_q)).to(z_q.dtype) if want_q else None
+        return gx, gq, None, None
 
 
 def convex_vq_loss(x: Tensor, z_q: Tensor, beta: float) -> Tensor:
-    """vqtorch's loss ``(1 - beta) mean((x - sg(z_q))^2) + beta mean((sg(x) - z_q)^2)`` (METHODS §2.1), in fp32
-    (fp64 for fp64 inputs)."""
-    x32, q32 = upcast(x), upcast(z_q)
-    return (1.0 - beta) * ((x32 - q32.detach()) ** 2).mean() + beta * ((x32.detach() - q32) ** 2).mean()
+    """vqtorch's loss ``(1 - beta) mean((x - sg(z_q))^2) + beta mean((sg(x) - z_q)^2)`` (METHODS §2.1), a scalar in
+    fp32 (fp64 for fp64 inputs). ``x``, ``z_q``: ``[N, D]``."""
+    return _VQLoss.apply(x, z_q, 1.0 - float(beta), float(beta))
+
+
+def vqvae_loss(x: Tensor, z_q: Tensor, beta: float) -> Tensor:
+    """The VQ-VAE loss ``beta mean((sg(z_q) - x)^2) + mean((z_q - sg(x))^2)`` (van den Oord et al. 2017, eq. 3;
+    CVQ-VAE's convention: ``beta`` weighs the commitment term), fp32 (fp64 for fp64 inputs)."""
+    return _VQLoss.apply(x, z_q, float(beta), 1.0)

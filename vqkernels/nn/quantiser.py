@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Segment, VQBase, move_features_last
-from .functional import perplexity, straight_through, upcast
+from .functional import perplexity, straight_through, vqvae_loss
 
 DISTANCES = {"cos": "cosine", "l2": "l2"}
 
@@ -56,9 +56,7 @@ class VectorQuantiser(VQBase):
         xf = x.reshape(-1, self.embed_dim)
         cb = self.effective_codebook()
         res = self._search(xf, cb)
-        x32, q32 = upcast(xf), upcast(res.z_q)
-        # VQ-VAE convention (van den Oord et al. 2017, eq. 3): beta weighs the commitment term
-        loss = self.beta * ((q32.detach() - x32) ** 2).mean() + ((q32 - x32.detach()) ** 2).mean()
+        loss = vqvae_loss(xf, res.z_q, self.beta)  # beta weighs the commitment term
         if self.contras_loss and self.training:  # as CVQ-VAE: the contrastive term is a training loss
             loss = loss + self._contrastive_loss(xf, cb)
         out = straight_through(xf, res.z_q)

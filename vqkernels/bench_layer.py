@@ -1,0 +1,288 @@
+"""``python -m vqkernels.bench_layer``: one training step (forward + backward) of a VQ layer, side by side.
+
+For each shape ``(N, K, D)`` it times, in one run, on the same inputs and the same initial codebook, the step
+``z_q, loss = layer(x); ((z_q * g).sum() + loss).backward()`` (``g`` a fixed downstream gradient) of:
+
+- ``vqkernels``: :class:`vqkernels.nn.VectorQuant` ``(D, K, dim=-1)`` (fused search, gather and counts; the
+  codebook gradient by the ``code_stats`` op);
+- ``quantize op + loss``: the bare :func:`vqkernels.quantize` op plus the same loss and straight-through
+  arithmetic, no module (the layer's overhead is measured against it);
+- ``vqtorch-style``: what vqtorch does: ``torch.cdist`` over 1024-row chunks + ``topk``, the gather by
+  ``F.embedding``, the same convex loss and straight-through output (written here, not imported);
+- ``vector-quantize-pytorch``: ``VectorQuantize(D, K, learnable_codebook=True, ema_update=False)`` when the
+  package is installed (``pip install vector-quantize-pytorch``, in the ``bench`` extra).
+
+Each row: median and 20/80 % times, the step time as a multiple of the ``vqkernels`` row, peak extra memory of
+one step, and a correctness verdict (fp64 regret of the chosen codes on sampled rows, as in
+:mod:`vqkernels.bench`; for the rows with vqtorch's loss also the loss against an fp64 evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import bench
+from .dispatch import select
+from .nn import VectorQuant
+from .nn.functional import convex_vq_loss, straight_through
+from .ops import quantize
+
+DEFAULT_SHAPES = ((65536, 4096, 64),)
+QUICK_SHAPES = ((2048, 256, 16),)
+BETA = 0.95  # vqtorch's default
+VQTORCH_CHUNK = 1024  # vqtorch's cdist_chunk_size
+LOSS_RTOL = 1e-4
+# Targets of the layer issue on its shape (fp32, 2 cores): (row name, lower bound on the row's time / the
+# vqkernels time).
+TARGET_SHAPE = (65536, 4096, 64)
+TARGETS = (("vqtorch-style", 2.0), ("vector-quantize-pytorch", 15.0), ("quantize op + loss", 1 / 1.3))
+
+
+@dataclass
+class LayerRow:
+    N: int
+    K: int
+    D: int
+    dtype: str
+    device: str
+    name: str
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    samples: int | None = None
+    x_vqkernels_time: float | None = None  # this row's time / the vqkernels row's time
+    peak_extra_mib: float | None = None
+    verdict: str = "-"
+    check: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The steps. Each returns (codes [N], loss or None when the library's loss is a different formula).
+# ---------------------------------------------------------------------------------------------------------------
+def _vqkernels_step(x: Tensor, cb0: Tensor, g: Tensor, backend: str) -> Callable[[], tuple[Tensor, Tensor]]:
+    layer = VectorQuant(cb0.shape[1], cb0.shape[0], beta=BETA, dim=-1, backend=backend).to(x.device, x.dtype)
+    with torch.no_grad():
+        layer.codebook.weight.copy_(cb0)
+
+    def step():
+        x.grad = layer.codebook.weight.grad = None
+        z_q, out = layer(x)
+        ((z_q * g).sum() + out["loss"]).backward()
+        return out["q"].squeeze(-1), out["loss"]
+
+    return step
+
+
+def _op_step(x: Tensor, cb0: Tensor, g: Tensor, backend: str) -> Callable[[], tuple[Tensor, Tensor]]:
+    cb = cb0.clone().requires_grad_(True)
+
+    def step():
+        x.grad = cb.grad = None
+        q = quantize(x, cb, backend=backend)
+        loss = convex_vq_loss(x, q.z_q, BETA)
+        ((straight_through(x, q.z_q) * g).sum() + loss).backward()
+        return q.codes, loss
+
+    return step
+
+
+def _vqtorch_step(x: Tensor, cb0: Tensor, g: Tensor) -> Callable[[], tuple[Tensor, Tensor]]:
+    cb = cb0.clone().requires_grad_(True)
+
+    def step():
+        x.grad = cb.grad = None
+        with torch.no_grad():
+            codes = torch.cat([torch.cdist(xc, cb).topk(1, dim=1, largest=False).indices.squeeze(1)
+                               for xc in x.detach().split(VQTORCH_CHUNK)])
+        z_q = F.embedding(codes, cb)
+        loss = (1 - BETA) * ((x - z_q.detach()) ** 2).mean() + BETA * ((x.detach() - z_q) ** 2).mean()
+        out = x + (z_q - x).detach()
+        ((out * g).sum() + loss).backward()
+        return codes, loss
+
+    return step
+
+
+def _vqp_step(x: Tensor, cb0: Tensor, g: Tensor) -> Callable[[], tuple[Tensor, None]]:
+    from vector_quantize_pytorch import VectorQuantize  # optional: the bench extra
+
+    layer = VectorQuantize(dim=cb0.shape[1], codebook_size=cb0.shape[0], learnable_codebook=True,
+                           ema_update=False).to(x.device)
+    params = list(layer.parameters())
+    with torch.no_grad():
+        emb = layer._codebook.embed  # [heads=1, K, D]
+        emb.copy_(cb0.view_as(emb))
+
+    def step():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        quantized, codes, loss = layer(x[None])
+        ((quantized[0] * g).sum() + loss).backward()
+        return codes[0], None
+
+    return step
+
+
+def _vqp_missing() -> str | None:
+    try:
+        import vector_quantize_pytorch  # noqa: F401
+    except ImportError as e:
+        return f"not installed ({e}); pip install vector-quantize-pytorch"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Correctness.
+# ---------------------------------------------------------------------------------------------------------------
+def check_step(x: Tensor, cb0: Tensor, codes: Tensor, loss: Tensor | None) -> tuple[str, dict[str, Any]]:
+    """fp64 regret of ``codes`` on sampled rows (the rule of :func:`vqkernels.bench.check_quantized`) and, when
+    given, ``loss`` against vqtorch's convex loss evaluated in fp64 on the chosen codes."""
+    errors = []
+    if codes.shape != (x.shape[0],) or int(codes.min()) < 0 or int(codes.max()) >= cb0.shape[0]:
+        return "FAIL(codes shape or range)", {}
+    rows = bench._sample_rows(x.shape[0], x.device)
+    d_sel, d_min, d_ref = bench._regrets(x.detach()[rows], cb0, "l2", codes[rows])
+    max_regret = float((d_sel - d_min).max())
+    allowed = 2 * float((d_ref - d_min).max()) + bench.REGRET_REL * float(d_min.abs().median()) + bench.REGRET_TINY
+    details: dict[str, Any] = {"rows": int(rows.numel()), "max_regret": max_regret, "allowed_regret": allowed}
+    if max_regret > allowed:
+        errors.append(f"regret {max_regret:.3g} > {allowed:.3g}")
+    if loss is not None:
+        mse = ((x.detach().double() - cb0.double()[codes]) ** 2).mean()
+        rel = abs(float(loss.detach()) - float(mse)) / max(float(mse), 1e-30)  # both loss terms have the value of the mse
+        details["loss_rel_err"] = rel
+        if rel > LOSS_RTOL:
+            errors.append(f"loss rel. error {rel:.2g}")
+    return ("FAIL(" + "; ".join(errors) + ")" if errors else "PASS"), details
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running and reporting.
+# ---------------------------------------------------------------------------------------------------------------
+def run_case(shape: tuple[int, int, int], device: str, backend: str, min_time: float) -> list[LayerRow]:
+    n, k, d = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device).requires_grad_(True)
+    cb0 = torch.randn(k, d, generator=gen).to(device)
+    g = torch.randn(n, d, generator=gen).to(device)
+    makers: dict[str, Callable[[], Callable[[], tuple[Tensor, Tensor | None]]]] = {
+        "vqkernels": lambda: _vqkernels_step(x, cb0, g, backend),
+        "quantize op + loss": lambda: _op_step(x, cb0, g, backend),
+        "vqtorch-style": lambda: _vqtorch_step(x, cb0, g),
+        "vector-quantize-pytorch": lambda: _vqp_step(x, cb0, g),
+    }
+    rows = []
+    for name, make in makers.items():
+        row = LayerRow(n, k, d, "fp32", device, name)
+        rows.append(row)
+        if name == "vector-quantize-pytorch" and (why := _vqp_missing()):
+            row.verdict = f"skipped: {why}"
+            continue
+        try:
+            step = make()
+            t = bench.measure_time(step, device, min_time)
+            row.median_ms, row.p20_ms, row.p80_ms, row.samples = t.median * 1e3, t.p20 * 1e3, t.p80 * 1e3, t.samples
+            row.peak_extra_mib, (codes, loss) = bench.measure_peak(step, device)
+            row.verdict, row.check = check_step(x, cb0, codes, loss)
+        except Exception as e:  # noqa: BLE001 - report it, keep measuring the others
+            row.verdict = f"{'FAIL' if name == 'vqkernels' else 'ERROR'}({type(e).__name__}: {e})"
+    base = rows[0].median_ms
+    for r in rows:
+        if base is not None and r.median_ms is not None:
+            r.x_vqkernels_time = r.median_ms / base
+    return rows
+
+
+def target_lines(rows: list[LayerRow]) -> list[tuple[str, bool | None]]:
+    """``("<name>: vqkernels is 2.31x faster (target >= 2x)", met)`` per target whose row ran."""
+    out = []
+    by_name = {r.name: r for r in rows if (r.N, r.K, r.D) == TARGET_SHAPE}
+    for name, bound in TARGETS:
+        r = by_name.get(name)
+        if r is None or r.x_vqkernels_time is None:
+            continue
+        ratio = r.x_vqkernels_time
+        if bound >= 1:
+            text = f"vs {name}: vqkernels is {ratio:.2f}x faster (target >= {bound:g}x)"
+        else:
+            text = f"vs {name}: vqkernels takes {1 / ratio:.2f}x its time (target <= {1 / bound:.2g}x)"
+        out.append((f"{r.N},{r.K},{r.D} " + text, ratio >= bound))
+    return out
+
+
+def print_table(rows: list[LayerRow], header: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=header, title_justify="left")
+    for col in ("shape N,K,D", "layer (fwd+bwd)", "median ms", "p20-p80 ms", "x vqkernels time", "peak MiB",
+                "check"):
+        table.add_column(col, justify="left" if col in ("shape N,K,D", "layer (fwd+bwd)", "check") else "right")
+    for r in rows:
+        table.add_row(f"{r.N},{r.K},{r.D}", r.name, bench._fmt(r.median_ms, ".1f"),
+                      "-" if r.p20_ms is None else f"{r.p20_ms:.1f}-{r.p80_ms:.1f} ({r.samples})",
+                      bench._fmt(r.x_vqkernels_time, ".2f", "x"), bench._fmt(r.peak_extra_mib, ".0f"), r.verdict,
+                      style="red" if r.verdict.startswith(("FAIL", "ERROR")) else
+                      ("bold" if r.name == "vqkernels" else None))
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    for text, met in target_lines(rows):
+        console.print(("MET     " if met else "NOT MET ") + text, style=None if met else "yellow")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m vqkernels.bench_layer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=bench._shape, action="append", metavar="N,K,D",
+                   help="a shape (repeatable; default " + " ".join(",".join(map(str, s)) for s in DEFAULT_SHAPES) + ")")
+    p.add_argument("--backend", default=None, help="backend of the vqkernels rows (default: auto for the device)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH")
+    p.add_argument("--min-time", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--quick", action="store_true", help="a small shape only (for tests)")
+    args = p.parse_args(None if argv is None else [str(a) for a in argv])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    try:
+        args.backend = select(args.backend or "auto", torch.device(args.device))
+    except (ValueError, RuntimeError) as e:
+        p.error(f"--backend: {e}")
+    args.shapes = args.shape or list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    if args.min_time is None:
+        args.min_time = bench.QUICK_MIN_TIME if args.quick else bench.DEFAULT_MIN_TIME
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run, print the table and the targets; return 1 if a vqkernels row failed its check."""
+    args = parse_args(argv)
+    machine = bench.machine_info(args.device)
+    rows: list[LayerRow] = []
+    for shape in bench._progress(args.shapes, desc="layer bench"):
+        rows += run_case(shape, args.device, args.backend, args.min_time)
+    header = (f"VQ layer forward+backward, fp32, beta={BETA}, backend={args.backend} | {machine['device_name']} "
+              f"({machine.get('torch_num_threads', torch.get_num_threads())} threads) | torch {torch.__version__} | "
+              f"load {machine.get('loadavg_1m')}")
+    print_table(rows, header)
+    if args.json is not None:
+        config = {"shapes": [list(s) for s in args.shapes], "backend": args.backend, "min_time": args.min_time,
+                  "beta": BETA}
+        targets = [{"text": t, "met": m} for t, m in target_lines(rows)]
+        args.json.write_text(json.dumps({"machine": machine, "config": config, "rows": [asdict(r) for r in rows],
+                                         "targets": targets}, indent=2) + "\n")
+    ours = [r for r in rows if r.name in ("vqkernels", "quantize op + loss")]
+    return 1 if any(r.verdict.startswith("FAIL") for r in ours) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
