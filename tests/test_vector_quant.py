@@ -391,3 +391,12 @@ def test_loss_and_straight_through_functions(beta):
     g = torch.randn(5, 3, dtype=torch.float64)
     gx, gq = torch.autograd.grad(out, (x, q), g)
     assert torch.equal(gx, g) and torch.equal(gq, 2.0 * g)
+
+
+def test_fp32_loss_is_accurate_for_large_batches():
+    from vqkernels.nn.functional import convex_vq_loss
+
+    g = torch.Generator().manual_seed(0)
+    x, q = torch.randn(65536, 64, generator=g), torch.randn(65536, 64, generator=g)
+    want = ((x.double() - q.double()) ** 2).mean()
+    torch.testing.assert_close(convex_vq_loss(x, q, 0.95).double(), want, rtol=1e-6, atol=0)
