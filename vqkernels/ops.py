@@ -135,10 +135,11 @@ def _check_matrix(t, name: str) -> None:
         raise TypeError(f"{name} must be float64/float32/bfloat16/float16; got {t.dtype}")
 
 
-def _check_search(x, codebook, metric: str, exact) -> None:
+def _check_pair(x, codebook, metric: str, same_dtype: bool = True) -> None:
+    """x ``[N, D]`` and codebook ``[K >= 1, D]``: floating, same D and device (and dtype); a known metric."""
     _check_matrix(x, "x")
     _check_matrix(codebook, "codebook")
-    if x.dtype != codebook.dtype:
+    if same_dtype and x.dtype != codebook.dtype:
         raise TypeError(f"x and codebook must have the same dtype; got {x.dtype} and {codebook.dtype}")
     if x.device != codebook.device:
         raise ValueError(f"x and codebook must be on the same device; got {x.device} and {codebook.device}")
@@ -149,6 +150,10 @@ def _check_search(x, codebook, metric: str, exact) -> None:
                          f"{tuple(codebook.shape)}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
+
+
+def _check_search(x, codebook, metric: str, exact) -> None:
+    _check_pair(x, codebook, metric)
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be a bool; got {type(exact).__name__}")
 

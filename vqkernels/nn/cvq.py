@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..ops import METRICS, _check_matrix, nearest_code
+from ..ops import _check_pair as _check_pair_op
 from ..reference import COS_EPS
 
 __all__ = [
@@ -69,17 +70,10 @@ def _check_vector(t, name: str, length: int | None = None) -> None:
 
 
 def _check_pair(x, codebook, metric) -> None:
-    """x ``[N, D]`` and codebook ``[K >= 1, D]``: floating, same D and device; a known metric."""
-    _check_matrix(x, "x")
-    _check_matrix(codebook, "codebook")
-    if x.device != codebook.device:
-        raise ValueError(f"x and codebook must be on the same device; got {x.device} and {codebook.device}")
-    if codebook.shape[0] == 0:
-        raise ValueError("codebook must hold at least one code; got K = 0")
-    if x.shape[1] != codebook.shape[1]:
-        raise ValueError(f"x and codebook must have the same D; got x {tuple(x.shape)} and codebook "
-                         f"{tuple(codebook.shape)}")
+    """x ``[N, D]`` and codebook ``[K >= 1, D]`` (dtypes may differ): floating, same D and device; a known
+    metric."""
     _check_metric(metric)
+    _check_pair_op(x, codebook, metric, same_dtype=False)
 
 
 def _check_generator(generator) -> None:
