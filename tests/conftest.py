@@ -6,6 +6,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
+# Without a GPU, the Triton kernels run on CPU tensors in triton's interpreter; it must be chosen before triton
+# is imported (by vqkernels, below in the test modules).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def nan_poisoned_empty():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vqkernels import reference
@@ -12,8 +13,10 @@ METRICS = ("l2", "cosine", "dot")
 
 
 def cpu_backends() -> list[str]:
-    """Backends that run on CPU tensors here (the reference always; the C++ op when built)."""
-    return [n for n, b in BACKENDS.items() if "cpu" in b.devices and b.available()]
+    """Backends that run on CPU tensors here (the reference always; the C++ op when built; Triton under
+    ``TRITON_INTERPRET=1``, which conftest.py sets when no GPU is visible)."""
+    return [n for n, b in BACKENDS.items()
+            if "cpu" in b.devices and b.available() and b.device_why_not("cpu") is None]
 
 
 def make_inputs(n: int, k: int, d: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
@@ -79,7 +82,8 @@ def check_search(x, cb, metric, codes, dist, exact: bool, max_rows: int = 512) -
     if n == 0:
         return
     assert bool((codes >= 0).all()) and bool((codes < cb.shape[0]).all()), "code out of range"
-    rows = torch.arange(n) if n <= max_rows else torch.randperm(n, generator=torch.Generator().manual_seed(1))[:max_rows]
+    sample = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:max_rows]
+    rows = torch.arange(n) if n <= max_rows else sample
     xs, cs, ds = x[rows], codes[rows], dist[rows]
     d64 = brute_distances(xs, cb, metric, direct=exact)
     d_star, i_star = d64.min(1)
@@ -99,3 +103,25 @@ def check_search(x, cb, metric, codes, dist, exact: bool, max_rows: int = 512) -
     assert regret.max() <= allowed, f"worst regret {regret.max():.3g} > allowed {allowed:.3g}"
     err = (ds.to(torch.float64) - d_sel).abs()
     assert bool((err <= scale).all()), f"dist error {(err / scale).max():.3g}x the rounding scale"
+
+
+OPCHECK_ALL = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def triton_interpreted(backend: str) -> bool:
+    from vqkernels.triton import interpreting
+
+    return backend == "triton" and interpreting()
+
+
+def opcheck_utils(backend: str, utils: tuple[str, ...] = OPCHECK_ALL) -> tuple[str, ...]:
+    """opcheck's tests for ``backend``: under triton's interpreter AOT tracing cannot run the kernels (it needs a
+    GPU), so ``test_aot_dispatch_dynamic`` is left to the GPU run there."""
+    if triton_interpreted(backend):
+        return tuple(u for u in utils if u != "test_aot_dispatch_dynamic")
+    return utils
+
+
+def skip_compile_if_interpreted(backend: str) -> None:
+    if triton_interpreted(backend):
+        pytest.skip("torch.compile cannot trace triton_op kernels under TRITON_INTERPRET (a GPU test)")

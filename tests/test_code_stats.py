@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import DTYPES, cpu_backends
+from helpers import DTYPES, cpu_backends, opcheck_utils, skip_compile_if_interpreted
 
 import vqkernels as vq
 
@@ -65,12 +65,13 @@ def test_opcheck(backend):
 
     x = torch.randn(50, 6)
     codes = torch.randint(0, 9, (50,))
-    torch.library.opcheck(_OPS[backend][2], (x, codes, 9))
-    torch.library.opcheck(_OPS[backend][2], (x[:0], codes[:0], 9))
+    torch.library.opcheck(_OPS[backend][2], (x, codes, 9), test_utils=opcheck_utils(backend))
+    torch.library.opcheck(_OPS[backend][2], (x[:0], codes[:0], 9), test_utils=opcheck_utils(backend))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_torch_compile_fullgraph(backend):
+    skip_compile_if_interpreted(backend)
     torch._dynamo.reset()
     x = torch.randn(100, 4)
     codes = torch.randint(0, 5, (100,))

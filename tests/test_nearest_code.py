@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from helpers import DTYPES, METRICS, brute_distances, check_search, cpu_backends, make_inputs
+from helpers import (
+    DTYPES,
+    METRICS,
+    brute_distances,
+    check_search,
+    cpu_backends,
+    make_inputs,
+    opcheck_utils,
+    skip_compile_if_interpreted,
+)
 
 import vqkernels as vq
 
@@ -118,12 +127,13 @@ def test_opcheck(backend):
     x, cb = make_inputs(33, 70, 9, torch.float32)
     for metric in METRICS:
         for exact in (False, True):
-            torch.library.opcheck(op, (x, cb, metric, exact))
-    torch.library.opcheck(op, (x[:0], cb, "l2", False))
+            torch.library.opcheck(op, (x, cb, metric, exact), test_utils=opcheck_utils(backend))
+    torch.library.opcheck(op, (x[:0], cb, "l2", False), test_utils=opcheck_utils(backend))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_torch_compile_fullgraph(backend):
+    skip_compile_if_interpreted(backend)
     torch._dynamo.reset()
     x, cb = make_inputs(100, 50, 8, torch.float32)
 

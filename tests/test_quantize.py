@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import DTYPES, METRICS, check_search, cpu_backends, make_inputs
+from helpers import DTYPES, METRICS, check_search, cpu_backends, make_inputs, opcheck_utils, skip_compile_if_interpreted
 
 import vqkernels as vq
 
@@ -69,16 +69,18 @@ def test_opcheck(backend):
     op = _OPS[backend][1]
     x, cb = make_inputs(33, 70, 9, torch.float32)
     for metric in METRICS:
-        torch.library.opcheck(op, (x, cb, metric, False))
+        torch.library.opcheck(op, (x, cb, metric, False), test_utils=opcheck_utils(backend))
     # With a grad-requiring input, opcheck's AOT test sums all outputs into the first one (int64 codes) and
     # fails on the dtype; the gradient under AOT is covered by test_torch_compile_fullgraph_with_backward.
     torch.library.opcheck(op, (x, cb.clone().requires_grad_(True), "l2", True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    torch.library.opcheck(op, (x[:0], cb, "dot", False))
+                          test_utils=opcheck_utils(backend, ("test_schema", "test_autograd_registration",
+                                                             "test_faketensor")))
+    torch.library.opcheck(op, (x[:0], cb, "dot", False), test_utils=opcheck_utils(backend))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_torch_compile_fullgraph_with_backward(backend):
+    skip_compile_if_interpreted(backend)
     torch._dynamo.reset()
     x, cb = make_inputs(200, 30, 8, torch.float32)
 

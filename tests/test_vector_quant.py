@@ -117,7 +117,8 @@ def test_running_statistics_affine():
         eff = (blocks * a[:, None] + (x_mean - a * c_mean)[:, None]).view(10, 6)
         torch.testing.assert_close(vq.get_codebook().double(), eff, rtol=1e-5, atol=1e-6)
         assert torch.equal(out["q"].squeeze(-1), _nearest(x, vq.get_codebook()))  # the search used the new stats
-    assert {"affine_transform.running_ze_mean", "affine_transform.running_statistics_initialized"} <= set(vq.state_dict())
+    keys = {"affine_transform.running_ze_mean", "affine_transform.running_statistics_initialized"}
+    assert keys <= set(vq.state_dict())
     vq.eval()
     before = at.running_ze_mean.clone()
     vq(xs[0])

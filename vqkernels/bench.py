@@ -568,9 +568,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(None if argv is None else [str(a) for a in argv])
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    runnable = [n for n, b in BACKENDS.items() if args.device in b.devices and b.available()]
+    runnable = [n for n, b in BACKENDS.items()
+                if args.device in b.devices and b.available() and b.device_why_not(args.device) is None]
     if args.backend is None:
-        args.backend = runnable
+        # timing triton's interpreter says nothing about the kernels: it runs only when asked for
+        args.backend = [n for n in runnable if not (n == "triton" and args.device == "cpu")]
     for name in args.backend:
         if name not in runnable:
             why = BACKENDS[name].why_not() or f"it does not run on {args.device}"

@@ -159,7 +159,8 @@ def check_step(x: Tensor, cb0: Tensor, codes: Tensor, loss: Tensor | None) -> tu
         errors.append(f"regret {max_regret:.3g} > {allowed:.3g}")
     if loss is not None:
         mse = ((x.detach().double() - cb0.double()[codes]) ** 2).mean()
-        rel = abs(float(loss.detach()) - float(mse)) / max(float(mse), 1e-30)  # both loss terms have the value of the mse
+        # both loss terms have the value of the mse
+        rel = abs(float(loss.detach()) - float(mse)) / max(float(mse), 1e-30)
         details["loss_rel_err"] = rel
         if rel > LOSS_RTOL:
             errors.append(f"loss rel. error {rel:.2g}")

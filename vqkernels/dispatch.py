@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from . import _ext
+from . import triton as _triton
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Backend:
     devices: tuple[str, ...]
     why_not: Callable[[], str | None]  # None when available
     summary: str
+    device_why_not: Callable[[str], str | None] = lambda device_type: None  # per device type, beyond `devices`
 
     def available(self) -> bool:
         return self.why_not() is None
@@ -37,10 +39,13 @@ BACKENDS: dict[str, Backend] = {
                      "pure-PyTorch reference (chunked, never holds more than a bounded N-chunk x K block)"),
     "cpu": Backend("cpu", ("cpu",), _cpu_why_not,
                    "fused C++ CPU op: tiled GEMM + argmin epilogue + gather + histogram"),
+    "triton": Backend("triton", ("cuda", "cpu"), _triton.why_not,
+                      "Triton kernels: fused search (tl.dot + online argmin), split-K, gather + histogram; "
+                      "CPU tensors only under TRITON_INTERPRET=1", _triton.device_why_not),
 }
 
 # Preference order of "auto" per device type.
-_AUTO = {"cpu": ("cpu", "torch"), "cuda": ("torch",)}
+_AUTO = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
 
 
 def select(backend: str, device: torch.device) -> str:
@@ -58,7 +63,7 @@ def select(backend: str, device: torch.device) -> str:
     b = BACKENDS[backend]
     if dev not in b.devices:
         raise ValueError(f"backend {backend!r} runs on {', '.join(b.devices)} tensors; the inputs are on {device}")
-    why = b.why_not()
+    why = b.why_not() or b.device_why_not(dev)
     if why is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
     return backend

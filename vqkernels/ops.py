@@ -3,7 +3,8 @@
 Every backend's implementation is a ``torch.library`` custom op with the same schema:
 
 - ``vqkernels::nearest_code`` / ``quantize`` / ``code_stats``: C++ (csrc/), CPU today, CUDA later;
-- ``vqkernels::nearest_code_ref`` / ``quantize_ref`` / ``code_stats_ref``: the pure-PyTorch reference.
+- ``vqkernels::nearest_code_ref`` / ``quantize_ref`` / ``code_stats_ref``: the pure-PyTorch reference;
+- ``vqkernels::nearest_code_triton`` / ``quantize_triton`` / ``code_stats_triton``: Triton (``triton_op``).
 
 They share one fake (meta) implementation per op and one autograd formula: ``z_q = codebook[codes]`` so
 ``dL/dcodebook = code_stats(dL/dz_q, codes).sums``. The wrappers below validate arguments (naming the argument),
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _ext, reference
+from . import triton as _triton
 from .dispatch import select
 
 __all__ = ["Quantized", "nearest_code", "quantize", "code_stats", "METRICS"]
@@ -64,6 +66,8 @@ def _code_stats_ref(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, T
 _OP_NAMES: dict[str, tuple[str, str, str]] = {"torch": ("nearest_code_ref", "quantize_ref", "code_stats_ref")}
 if _ext.available():
     _OP_NAMES["cpu"] = ("nearest_code", "quantize", "code_stats")
+if _triton.load():  # registers vqkernels::*_triton (triton_op) when triton can run here
+    _OP_NAMES["triton"] = ("nearest_code_triton", "quantize_triton", "code_stats_triton")
 _OPS: dict[str, tuple] = {
     b: tuple(getattr(torch.ops.vqkernels, n).default for n in names) for b, names in _OP_NAMES.items()
 }

@@ -82,7 +82,8 @@ class VQBase(nn.Module):
 
         self.num_codes, self.code_dim, self.metric, self.codebook_norm = num_codes, code_dim, metric, cb_norm
         self.beta, self.backend, self.kmeans_iters = float(beta), backend, kmeans_iters
-        self.anchor, self.anchor_decay, self.first_batch, self.contrastive = anchor, anchor_decay, first_batch, contrastive
+        self.anchor, self.anchor_decay = anchor, anchor_decay
+        self.first_batch, self.contrastive = first_batch, contrastive
         self.replace_freq = replace_freq
 
         emb = nn.Embedding(num_codes, code_dim)
@@ -295,7 +296,8 @@ class VQBase(nn.Module):
             if self.anchor == "closest":
                 anchors = cvq.closest_anchors(seg.rows, block.to(seg.rows.dtype), self.metric, backend=self.backend)
             elif self.anchor == "probrandom":
-                anchors = cvq.probrandom_anchors(seg.rows, block.to(seg.rows.dtype), self.metric)
+                anchors = cvq.probrandom_anchors(seg.rows, block.to(seg.rows.dtype), self.metric,
+                                                  backend=self.backend)
             else:
                 anchors = cvq.random_anchors(self.feature_pool, self.pool_filled)[seg.lo:seg.hi]
             a = alpha[seg.lo:seg.hi, None]

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..dispatch import select
 from ..ops import METRICS, _check_matrix, nearest_code
 from ..ops import _check_pair as _check_pair_op
 from ..reference import COS_EPS
@@ -279,7 +280,8 @@ def _blocks(n: int, k: int, chunk_elems: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def sample_anchor_rows(x: Tensor, codebook: Tensor, metric: str = "l2",
-                       generator: torch.Generator | None = None, chunk_elems: int = 1 << 22) -> Tensor:
+                       generator: torch.Generator | None = None, chunk_elems: int = 1 << 22,
+                       backend: str = "auto") -> Tensor:
     """Per code ``k`` a row index ``i ~ softmax_i(-d(x_i, c_k))`` (CVQ §3.2 "probrandom"; METHODS §1, §3.3).
 
     For cosine that is ``softmax_i(cos(x_i, c_k))`` (the constant 1 of ``d = 1 - cos`` cancels), for dot
@@ -292,6 +294,8 @@ def sample_anchor_rows(x: Tensor, codebook: Tensor, metric: str = "l2",
     Args:
         x: ``[N >= 1, D]`` batch rows.
         codebook: ``[K, D]`` codes (any float dtype; the arithmetic is fp32, fp64 if either input is fp64).
+        backend: ``"triton"`` (and ``"auto"`` on CUDA tensors with triton) runs the fused kernel, whose epilogue
+            adds the same noise; the other backends walk the blocks in PyTorch.
     Returns:
         int64 ``[K]`` row indices into ``x``.
     """
@@ -304,6 +308,8 @@ def sample_anchor_rows(x: Tensor, codebook: Tensor, metric: str = "l2",
     acc = _acc(x.dtype, codebook.dtype)
     dev = x.device
     s_code, s_row = _draw_seed(generator)
+    if select(backend, dev) == "triton":
+        return torch.ops.vqkernels.gumbel_argmin_triton(x, codebook, metric, s_code, s_row)
     xa, xsq = _prepare_rows(x, metric, acc)
     ca = codebook.to(acc)
     row_keys = _index_keys(torch.arange(n, device=dev), s_row)
@@ -328,9 +334,9 @@ def sample_anchor_rows(x: Tensor, codebook: Tensor, metric: str = "l2",
 
 @torch.no_grad()
 def probrandom_anchors(x: Tensor, codebook: Tensor, metric: str = "l2",
-                       generator: torch.Generator | None = None) -> Tensor:
+                       generator: torch.Generator | None = None, backend: str = "auto") -> Tensor:
     """``x[sample_anchor_rows(x, codebook, metric, generator)]``: a sampled batch row per code, ``[K, D]``."""
-    return x.index_select(0, sample_anchor_rows(x, codebook, metric, generator))
+    return x.index_select(0, sample_anchor_rows(x, codebook, metric, generator, backend=backend))
 
 
 # ---------------------------------------------------------------------------------------------------------------

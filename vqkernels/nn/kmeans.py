@@ -307,7 +307,7 @@ def kmeans(x: Tensor, num_codes: int, *, iters: int = 20, tol: float = 1e-4, met
     bar = _progress_bar(iters) if progress and iters > 0 else None
     it = 0
     try:
-        for it in range(1, iters + 1):
+        for it in range(1, iters + 1):  # noqa: B007 - `it` is the iteration count returned below
             # Lloyd 1982: centroid <- mean of its rows (assigned in the previous step)
             sums, counts = code_stats(xs, codes, k, backend=backend)
             full = counts > 0

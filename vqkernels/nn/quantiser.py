@@ -66,4 +66,5 @@ class VectorQuantiser(VQBase):
         return z_q, loss, (perplexity(res.counts), encodings, res.codes)
 
     def extra_repr(self) -> str:
-        return f"num_embed={self.num_embed}, embed_dim={self.embed_dim}, beta={self.beta}, distance={self.distance}, anchor={self.anchor}"
+        return (f"num_embed={self.num_embed}, embed_dim={self.embed_dim}, beta={self.beta}, "
+                f"distance={self.distance}, anchor={self.anchor}")

@@ -1,0 +1,169 @@
+"""Triton backend specifics: split-K, exact mode's candidate list and re-scan, odd shapes, Gumbel sampling,
+code_stats under collapse, and (on a GPU) bf16 tensor cores and torch.compile.
+
+Without a GPU the kernels run on CPU tensors in triton's interpreter (conftest.py sets TRITON_INTERPRET=1); the
+backend-generic suites (test_nearest_code.py, test_quantize.py, test_code_stats.py) run the rest of the matrix.
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import METRICS, brute_distances, check_search, make_inputs
+
+import vqkernels as vq
+from vqkernels.dispatch import BACKENDS
+from vqkernels.nn import cvq
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+_why = BACKENDS["triton"].why_not() or BACKENDS["triton"].device_why_not(DEV)
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"triton backend: {_why}")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _inputs(n, k, d, dtype=torch.float32, seed=0):
+    x, cb = make_inputs(n, k, d, dtype, seed=seed)
+    return x.to(DEV), cb.to(DEV)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("exact", [False, True])
+def test_split_k_equals_single_pass(metric, exact, monkeypatch):
+    x, cb = _inputs(50, 1000, 24)
+    monkeypatch.setenv("VQK_TRITON_SPLIT", "1")
+    one = vq.quantize(x, cb, metric=metric, exact=exact, backend="triton")
+    for splits in ("3", "16"):
+        monkeypatch.setenv("VQK_TRITON_SPLIT", splits)
+        many = vq.quantize(x, cb, metric=metric, exact=exact, backend="triton")
+        assert torch.equal(one.codes, many.codes) and torch.equal(one.dist, many.dist)
+        assert torch.equal(one.counts, many.counts) and torch.equal(one.z_q, many.z_q)
+
+
+def test_split_k_ties_go_to_the_lowest_index(monkeypatch):
+    cb = torch.zeros(300, 4, device=DEV)  # every code is the same: code 0 must win in every split layout
+    x = torch.randn(20, 4, device=DEV)
+    for splits in ("1", "2", "5"):
+        monkeypatch.setenv("VQK_TRITON_SPLIT", splits)
+        for exact in (False, True):
+            codes, _ = vq.nearest_code(x, cb, exact=exact, backend="triton")
+            assert bool((codes == 0).all())
+
+
+def test_one_row_and_a_codebook_not_a_power_of_two():
+    x, cb = _inputs(1, 100_000, 20)
+    codes, dist = vq.nearest_code(x, cb, backend="triton")
+    check_search(x.cpu(), cb.cpu(), "l2", codes.cpu(), dist.cpu(), exact=False)
+
+
+@pytest.mark.parametrize("candidates", ["1", "2", "4"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_mode_candidates_and_full_rescan(candidates, metric, monkeypatch):
+    """Codes 1e-7 apart (below fp32 resolution): with few candidates kept, rows overflow into the fp64 re-scan."""
+    monkeypatch.setenv("VQK_TRITON_EXACT_CANDIDATES", candidates)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 16, generator=g, dtype=torch.float64)
+    cb = torch.cat([base + 1e-7 * torch.randn(6, 16, generator=g, dtype=torch.float64),
+                    torch.randn(200, 16, generator=g, dtype=torch.float64)])
+    cb = cb[torch.randperm(cb.shape[0], generator=g)].float()
+    x = (base + 1e-3 * torch.randn(40, 16, generator=g, dtype=torch.float64)).float()
+    codes, dist = vq.nearest_code(x.to(DEV), cb.to(DEV), metric=metric, exact=True, backend="triton")
+    d64 = brute_distances(x, cb, metric, direct=True)
+    assert torch.equal(codes.cpu(), d64.argmin(1))
+    torch.testing.assert_close(dist.cpu().double(), d64.min(1).values, rtol=1e-6, atol=1e-7)
+
+
+def test_code_stats_full_collapse_and_dtypes():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = torch.randn(3000, 40, dtype=torch.float64).to(dtype)
+        codes = torch.full((3000,), 7, dtype=torch.int64)
+        sums, counts = vq.code_stats(x.to(DEV), codes.to(DEV), 9, backend="triton")
+        assert counts.cpu().tolist() == [0] * 7 + [3000, 0]
+        torch.testing.assert_close(sums.cpu()[7].double(), x.double().sum(0), rtol=1e-5, atol=1e-4)
+        assert bool((sums.cpu()[torch.arange(9) != 7] == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gumbel-max sampling (CVQ probrandom anchors)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("metric", METRICS)
+def test_sampling_matches_the_reference_noise(metric):
+    """The kernel adds the same counter-based noise as the PyTorch sampler: same seed, same samples."""
+    x, cb = _inputs(300, 40, 8, seed=4)
+    got = cvq.sample_anchor_rows(x, cb, metric, generator=torch.Generator().manual_seed(5), backend="triton")
+    ref = cvq.sample_anchor_rows(x.cpu(), cb.cpu(), metric, generator=torch.Generator().manual_seed(5),
+                                 backend="torch")
+    assert (got.cpu() == ref).float().mean() >= 0.97  # rounding may flip an exact near-tie, nothing more
+    again = cvq.sample_anchor_rows(x, cb, metric, generator=torch.Generator().manual_seed(5), backend="triton")
+    assert torch.equal(got, again)
+
+
+def test_sampling_split_k_is_chunk_invariant(monkeypatch):
+    x, cb = _inputs(500, 12, 6, seed=6)
+    monkeypatch.setenv("VQK_TRITON_SPLIT", "1")
+    one = cvq.sample_anchor_rows(x, cb, "l2", generator=torch.Generator().manual_seed(1), backend="triton")
+    monkeypatch.setenv("VQK_TRITON_SPLIT", "4")
+    four = cvq.sample_anchor_rows(x, cb, "l2", generator=torch.Generator().manual_seed(1), backend="triton")
+    assert torch.equal(one, four)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_sampling_follows_softmax(metric):
+    """One code, 5 rows: the sampled row frequencies match softmax_i(-d(x_i, c)) (chi-square, p = 0.001)."""
+    x = torch.tensor([[0.0, 1.0], [0.4, 0.9], [1.0, 0.2], [-0.5, 0.5], [0.7, -0.7]], device=DEV)
+    c = torch.tensor([[0.3, 0.8]], device=DEV)
+    p = torch.softmax(-brute_distances(c.cpu(), x.cpu(), metric)[0], 0)
+    draws = 2000
+    cb = c.expand(draws, 2).contiguous()  # 2000 copies of the code: independent noise per code index
+    rows = cvq.sample_anchor_rows(x, cb, metric, generator=torch.Generator().manual_seed(11), backend="triton")
+    hits = torch.bincount(rows.cpu(), minlength=5).double()
+    chi2 = float(((hits - draws * p) ** 2 / (draws * p)).sum())
+    assert chi2 < 18.47, (hits, draws * p)  # 4 degrees of freedom
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_gpu_tensor_cores_precision_rule(dtype, metric):
+    x, cb = _inputs(4099, 5000, 72, dtype)
+    q = vq.quantize(x, cb, metric=metric, backend="triton")
+    check_search(x.cpu(), cb.cpu(), metric, q.codes.cpu(), q.dist.cpu(), exact=False)
+    assert torch.equal(q.counts, torch.bincount(q.codes, minlength=5000)) and torch.equal(q.z_q, cb[q.codes])
+    e = vq.quantize(x, cb, metric=metric, exact=True, backend="triton")
+    check_search(x.cpu(), cb.cpu(), metric, e.codes.cpu(), e.dist.cpu(), exact=True)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_with_backward():
+    torch._dynamo.reset()
+    x, cb = _inputs(2000, 300, 64, torch.bfloat16)
+
+    def f(x, cb):
+        q = vq.quantize(x, cb, backend="triton")
+        return ((q.z_q.float() - x.float()) ** 2).mean(), q.counts
+
+    cb1, cb2 = cb.clone().requires_grad_(True), cb.clone().requires_grad_(True)
+    l1, c1 = torch.compile(f, fullgraph=True)(x, cb1)
+    l2, c2 = f(x, cb2)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(l1, l2)
+    assert torch.equal(c1, c2)
+    torch.testing.assert_close(cb1.grad.float(), cb2.grad.float(), rtol=1e-2, atol=1e-3)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_large_codebook_memory():
+    x, cb = _inputs(65536, 1 << 20, 64, torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    codes, _ = vq.nearest_code(x, cb, backend="triton")
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 1 << 30, f"{extra / 2**20:.0f} MiB"
+    assert codes.shape == (65536,) and not math.isnan(float(codes.float().mean()))
