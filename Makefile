@@ -21,7 +21,11 @@ endif
 BUILD_STAMP := build/.vqk-installed
 SOURCES     := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: all build test bench info lint clean
+NVCC        ?= $(shell command -v nvcc 2>/dev/null)
+CUDA_ARCHS  ?= 80 90
+CU_SOURCES  := $(wildcard csrc/cuda/*.cu)
+
+.PHONY: all build test bench info lint clean cuda-check
 
 all: test
 
@@ -41,7 +45,20 @@ $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
 
 build: $(BUILD_STAMP)
 
-test: build
+# Compile every .cu file for each arch (objects only, warnings are errors): runs without a GPU or a CUDA torch.
+cuda-check:
+ifeq ($(NVCC),)
+	@echo "cuda-check: nvcc not found, skipped"
+else
+	@mkdir -p build/cuda-check
+	@for arch in $(CUDA_ARCHS); do for f in $(CU_SOURCES); do \
+	  echo "nvcc sm_$$arch $$f"; \
+	  $(NVCC) -std=c++17 -O3 -arch=sm_$$arch -Werror all-warnings -Xcompiler -Wall,-Wextra \
+	    -c $$f -o build/cuda-check/$$(basename $$f .cu).sm_$$arch.o || exit 1; \
+	done; done
+endif
+
+test: build cuda-check
 	$(PYTHON) -m vqkernels.info
 	$(PYTHON) -m pytest tests -q
 

@@ -52,6 +52,8 @@ def _extensions():
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     if why_not is None:
+        # WMMA bf16 and __match_any_sync need sm_80+; default to the data-centre GPUs we target
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         _say(f"building CPU + CUDA ops (torch CUDA {torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
         ext = CUDAExtension(
             "vqkernels._C",

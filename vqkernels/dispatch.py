@@ -28,6 +28,16 @@ class Backend:
         return self.why_not() is None
 
 
+def _cuda_why_not() -> str | None:
+    if not _ext.available():
+        return f"the C++ extension vqkernels._C is not built or failed to load ({_ext.load_error})"
+    if not _ext.with_cuda():
+        return "vqkernels._C was built without its CUDA ops (torch is a CPU build, or CUDA_HOME / VQK_BUILD_CUDA)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
+
+
 def _cpu_why_not() -> str | None:
     if not _ext.available():
         return f"the C++ extension vqkernels._C is not built or failed to load ({_ext.load_error})"
@@ -39,13 +49,16 @@ BACKENDS: dict[str, Backend] = {
                      "pure-PyTorch reference (chunked, never holds more than a bounded N-chunk x K block)"),
     "cpu": Backend("cpu", ("cpu",), _cpu_why_not,
                    "fused C++ CPU op: tiled GEMM + argmin epilogue + gather + histogram"),
+    "cuda": Backend("cuda", ("cuda",), _cuda_why_not,
+                    "C++/CUDA kernels (csrc/cuda): WMMA tensor-core / FMA tiled search + top-2 epilogue, split-K, "
+                    "warp-aggregated histogram and code_stats"),
     "triton": Backend("triton", ("cuda", "cpu"), _triton.why_not,
                       "Triton kernels: fused search (tl.dot + online argmin), split-K, gather + histogram; "
                       "CPU tensors only under TRITON_INTERPRET=1", _triton.device_why_not),
 }
 
 # Preference order of "auto" per device type.
-_AUTO = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
+_AUTO = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
 
 
 def select(backend: str, device: torch.device) -> str:

@@ -66,6 +66,8 @@ def _code_stats_ref(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, T
 _OP_NAMES: dict[str, tuple[str, str, str]] = {"torch": ("nearest_code_ref", "quantize_ref", "code_stats_ref")}
 if _ext.available():
     _OP_NAMES["cpu"] = ("nearest_code", "quantize", "code_stats")
+if _ext.with_cuda():  # the same C++ ops, dispatched to csrc/cuda by the tensors' device
+    _OP_NAMES["cuda"] = ("nearest_code", "quantize", "code_stats")
 if _triton.load():  # registers vqkernels::*_triton (triton_op) when triton can run here
     _OP_NAMES["triton"] = ("nearest_code_triton", "quantize_triton", "code_stats_triton")
 _OPS: dict[str, tuple] = {
@@ -115,6 +117,8 @@ def _make_quantize_autograd(code_stats_op):
 
 
 def _register(backend: str) -> None:
+    if any(_OP_NAMES[b] == _OP_NAMES[backend] for b in list(_OP_NAMES)[:list(_OP_NAMES).index(backend)]):
+        return  # an op shared with an earlier backend (cpu / cuda) is registered once
     nc, qz, cs = (f"vqkernels::{n}" for n in _OP_NAMES[backend])
     torch.library.register_fake(nc)(_fake_nearest_code)
     torch.library.register_fake(qz)(_fake_quantize)

@@ -1,0 +1,162 @@
+// CUDA implementations of the vqkernels ops (schemas in csrc/registration.cpp): argument checks that name the
+// argument, a device guard, then the plain C launchers of vq_cuda.cu on the current stream.
+// Built only against a CUDA build of torch (setup.py).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "vq_cuda.h"
+
+namespace vqkernels::cuda {
+namespace {
+
+constexpr int64_t kBM = 64, kBN = 64;  // search tile of vq_cuda.cu (rows per block, codes per block)
+
+void check(int err, const char* what) {
+  TORCH_CHECK(err == 0, "vqkernels CUDA ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return VQK_F32;
+    case at::kDouble: return VQK_F64;
+    case at::kBFloat16: return VQK_BF16;
+    case at::kHalf: return VQK_F16;
+    default: TORCH_CHECK_TYPE(false, "x must be float64/float32/bfloat16/float16; got ", t);
+  }
+  return -1;
+}
+
+int metric_code(const std::string& m) {
+  if (m == "l2") return VQK_L2;
+  if (m == "cosine") return VQK_COSINE;
+  if (m == "dot") return VQK_DOT;
+  TORCH_CHECK_VALUE(false, "metric must be one of 'l2', 'cosine', 'dot'; got '", m, "'");
+  return -1;
+}
+
+void check_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be a 2-D tensor [rows, D]; got ", t.dim(), " dims");
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must be float64/float32/bfloat16/float16; got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor for the cuda backend; got ", t.device());
+}
+
+// Unit stride along features (rows may be strided).
+at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  return (v == nullptr || *v == '\0') ? dflt : std::max<int64_t>(1, std::atoll(v));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search(const at::Tensor& x_in, const at::Tensor& cb_in,
+                                                                  const std::string& metric_name, bool exact,
+                                                                  bool gather) {
+  check_matrix(x_in, "x");
+  check_matrix(cb_in, "codebook");
+  TORCH_CHECK_TYPE(x_in.scalar_type() == cb_in.scalar_type(), "x and codebook must have the same dtype; got ",
+                   x_in.scalar_type(), " and ", cb_in.scalar_type());
+  TORCH_CHECK_VALUE(x_in.device() == cb_in.device(), "x and codebook must be on the same device; got ",
+                    x_in.device(), " and ", cb_in.device());
+  TORCH_CHECK_VALUE(cb_in.size(0) >= 1, "codebook must hold at least one code; got K = 0");
+  TORCH_CHECK_VALUE(x_in.size(1) == cb_in.size(1), "x and codebook must have the same D; got x [", x_in.size(0),
+                    ", ", x_in.size(1), "] and codebook [", cb_in.size(0), ", ", cb_in.size(1), "]");
+  TORCH_CHECK_VALUE(cb_in.size(0) < (int64_t(1) << 31), "codebook may hold at most 2^31 - 1 codes");
+  const int metric = metric_code(metric_name);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = rows_contiguous(x_in), cb = rows_contiguous(cb_in);
+  TORCH_CHECK_VALUE(at::isfinite(cb).all().item<bool>(), "codebook contains non-finite values (NaN or Inf)");
+  TORCH_CHECK_VALUE(x.numel() == 0 || at::isfinite(x).all().item<bool>(), "x contains non-finite values (NaN or Inf)");
+  const int64_t N = x.size(0), D = x.size(1), K = cb.size(0);
+  const int dt = dtype_code(x.scalar_type());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  auto codes = at::empty({N}, x.options().dtype(at::kLong));
+  auto dist = at::empty({N}, x.options().dtype(acc));
+  at::Tensor zq = gather ? at::empty({N, D}, cb.options()) : at::empty({0}, cb.options());
+  at::Tensor counts = gather ? at::zeros({K}, x.options().dtype(at::kLong)) : at::empty({0}, x.options().dtype(at::kLong));
+  if (N == 0) return {codes, zq, dist, counts};
+
+  auto w = at::empty({K}, x.options().dtype(acc));
+  auto o = at::empty({K}, x.options().dtype(acc));
+  auto cnorm = at::empty({K + 1}, x.options().dtype(at::kDouble));  // per-code fp64 norms, then their max
+  check(vqk_key_terms(dt, cb.data_ptr(), K, D, cb.stride(0), metric, w.data_ptr(), o.data_ptr(),
+                      cnorm.data_ptr<double>(), stream),
+        "key terms");
+  if (exact) cnorm.narrow(0, K, 1).copy_(cnorm.narrow(0, 0, K).max().reshape({1}));
+
+  // split-K when the row blocks alone cannot fill the GPU twice
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t row_blocks = (N + kBM - 1) / kBM;
+  int64_t splits = row_blocks >= 2 * sms ? 1 : std::min((2 * sms + row_blocks - 1) / row_blocks, (K + 4 * kBN - 1) / (4 * kBN));
+  splits = std::max<int64_t>(1, env_int("VQK_CUDA_SPLIT", splits));
+  int64_t per_split = ((K + splits - 1) / splits + kBN - 1) / kBN * kBN;
+  splits = (K + per_split - 1) / per_split;
+  auto pv = at::empty({splits, N, 2}, x.options().dtype(acc));
+  auto pi = at::empty({splits, N, 2}, x.options().dtype(at::kInt));
+  check(vqk_search(dt, x.data_ptr(), cb.data_ptr(), w.data_ptr(), o.data_ptr(), N, K, D, x.stride(0), cb.stride(0),
+                   static_cast<int>(splits), per_split, exact ? 2 : 1, 0, pv.data_ptr(), pi.data_ptr<int32_t>(), stream),
+        "search");
+  check(vqk_finalize(dt, x.data_ptr(), cb.data_ptr(), cnorm.data_ptr<double>(), N, K, D, x.stride(0), cb.stride(0),
+                     static_cast<int>(splits), metric, exact ? 1 : 0, pv.data_ptr(), pi.data_ptr<int32_t>(),
+                     codes.data_ptr<int64_t>(), dist.data_ptr(), gather ? zq.data_ptr() : nullptr,
+                     gather ? counts.data_ptr<int64_t>() : nullptr, stream),
+        "finalize");
+  return {codes, zq, dist, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const at::Tensor& codebook,
+                                                     c10::string_view metric, bool exact) {
+  auto [codes, zq, dist, counts] = search(x, codebook, std::string(metric), exact, /*gather=*/false);
+  return {codes, dist};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x,
+                                                                         const at::Tensor& codebook,
+                                                                         c10::string_view metric, bool exact) {
+  return search(x, codebook, std::string(metric), exact, /*gather=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor> code_stats_cuda(const at::Tensor& x_in, const at::Tensor& codes,
+                                                   int64_t num_codes) {
+  check_matrix(x_in, "x");
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kLong, "codes must be int64; got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() == 1 && codes.size(0) == x_in.size(0), "codes must have shape [N] = [",
+                    x_in.size(0), "]; got ", codes.sizes());
+  TORCH_CHECK_VALUE(codes.device() == x_in.device(), "x and codes must be on the same device; got ", x_in.device(),
+                    " and ", codes.device());
+  TORCH_CHECK_VALUE(num_codes >= 1, "num_codes must be a positive int; got ", num_codes);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = rows_contiguous(x_in);
+  const at::Tensor c = codes.contiguous();
+  const int64_t N = x.size(0), D = x.size(1);
+  if (N > 0) {
+    const auto mm = at::aminmax(c);
+    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < num_codes, "codes must lie in [0, num_codes = ", num_codes,
+                      "); got values in [", lo, ", ", hi, "]");
+  }
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto sums = at::zeros({num_codes, D}, x.options().dtype(acc));
+  auto counts = at::zeros({num_codes}, x.options().dtype(at::kLong));
+  check(vqk_code_stats(dtype_code(x.scalar_type()), x.data_ptr(), c.data_ptr<int64_t>(), N, D, x.stride(0),
+                       num_codes, sums.data_ptr(), counts.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()),
+        "code_stats");
+  return {sums, counts};
+}
+
+}  // namespace
+}  // namespace vqkernels::cuda
+
+TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
+  m.impl("nearest_code", &vqkernels::cuda::nearest_code_cuda);
+  m.impl("quantize", &vqkernels::cuda::quantize_cuda);
+  m.impl("code_stats", &vqkernels::cuda::code_stats_cuda);
+}
