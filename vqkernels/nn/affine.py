@@ -62,14 +62,17 @@ class AffineTransform(nn.Module):
         return (vectors - b[g].to(vectors.dtype)) / a[g].to(vectors.dtype)
 
     @torch.no_grad()
-    def update_running_statistics(self, x: Tensor, codebook: Tensor) -> None:
-        """Running mode only: fold the moments of ``x [N, D]`` and of each block of ``codebook [K, D]`` in."""
-        if self.mode != "running" or x.shape[0] == 0:
+    def update_running_statistics(self, x: Tensor, codebook: Tensor,
+                                  moments: tuple[Tensor, Tensor] | None = None) -> None:
+        """Running mode only: fold the moments of ``x [N, D]`` (or the given ``(mean, var)`` of the rows, e.g.
+        summed over ranks) and of each block of ``codebook [K, D]`` in."""
+        if self.mode != "running" or (moments is None and x.shape[0] == 0):
             return
         # moments in the buffers' dtype (fp32 unless the module was converted), never in a low-precision input's
         x32 = x.to(self.running_ze_mean.dtype)
         blocks = codebook.to(self.running_c_mean.dtype).view(self.groups, -1, codebook.shape[1])
-        new = (x32.mean(0).expand_as(self.running_ze_mean), x32.var(0, unbiased=False).expand_as(self.running_ze_var),
+        xm, xv = (x32.mean(0), x32.var(0, unbiased=False)) if moments is None else moments
+        new = (xm.to(x32.dtype).expand_as(self.running_ze_mean), xv.to(x32.dtype).expand_as(self.running_ze_var),
                blocks.mean(1), blocks.var(1, unbiased=False))
         bufs = (self.running_ze_mean, self.running_ze_var, self.running_c_mean, self.running_c_var)
         m = self.momentum if bool(self.running_statistics_initialized.item()) else 1.0

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from . import cvq
+from . import distributed as vq_dist
 from .affine import AffineTransform
 from .functional import gather_codes
 from .kmeans import kmeans
@@ -58,7 +59,7 @@ class VQBase(nn.Module):
                  replace_freq: int = 0, inplace_optimizer: Callable | None = None, beta: float = 0.95,
                  kmeans_init: bool = False, kmeans_iters: int = 20, anchor: str | None = None,
                  anchor_decay: float = 0.99, first_batch: bool = False, contrastive: bool = False,
-                 backend: str = "auto", codebook_init: str = "normal") -> None:
+                 backend: str = "auto", codebook_init: str = "normal", sync: bool | None = None) -> None:
         _check_positive_int(num_codes, "num_codes")
         _check_positive_int(code_dim, "feature_size")
         if metric not in METRICS:
@@ -79,6 +80,9 @@ class VQBase(nn.Module):
             raise ValueError("inplace_optimizer (alternating optimisation) requires beta = 1.0")
         if not isinstance(kmeans_iters, int) or kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be an int >= 0; got {kmeans_iters!r}")
+        if sync not in (None, True, False):
+            raise ValueError(f"sync must be None, True or False; got {sync!r}")
+        self.sync = sync
 
         self.num_codes, self.code_dim, self.metric, self.codebook_norm = num_codes, code_dim, metric, cb_norm
         self.beta, self.backend, self.kmeans_iters = float(beta), backend, kmeans_iters
@@ -220,6 +224,10 @@ class VQBase(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
     # non-gradient updates
     # ----------------------------------------------------------------------------------------------------------
+    @torch.compiler.disable
+    def _kmeans_pending(self) -> bool:
+        return self._needs_kmeans_init()
+
     def _needs_kmeans_init(self) -> bool:
         return self.training and hasattr(self, "data_initialized") and not bool(self.data_initialized.item())
 
@@ -235,33 +243,89 @@ class VQBase(nn.Module):
             self._write_effective(idx, res.centroids.float())
 
     @torch.no_grad()
+    def _kmeans_init(self, segments: list[Segment]) -> None:
+        """k-means init of the segments' codes; synchronised: on every rank's rows, on rank 0, then broadcast."""
+        if not self._sync_active():
+            self._kmeans_fit(segments)
+            return
+        gathered = [Segment(vq_dist.all_gather_rows(s.rows, vq_dist.KMEANS_MAX_ROWS), s.lo, s.hi) for s in segments]
+        if torch.distributed.get_rank() == 0:
+            self._kmeans_fit(gathered)
+        vq_dist.broadcast_state([self.codebook_weight])
+
+    @torch.no_grad()
     def _before_search(self, segments: list[Segment]) -> None:
         """Training only: k-means init on the first forward (before the search; METHODS §2.5) and the
         running-statistics affine update."""
         if not self.training:
             return
-        if self._needs_kmeans_init():
-            self._kmeans_fit(segments)
-            self.data_initialized.fill_(1)
-        self._update_running_affine(torch.cat([s.rows for s in segments]))
+        if hasattr(self, "data_initialized"):  # static: a layer without k-means init traces straight through
+            self._kmeans_init_once(segments)
+        if self._running_affine():
+            self._update_running_affine(torch.cat([s.rows for s in segments]))
 
+    # The non-gradient updates run eagerly: under torch.compile each is one clean graph break, and only layers that
+    # enable it pay for it (METHODS §4; the checks guarding the calls are static).
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _kmeans_init_once(self, segments: list[Segment]) -> None:
+        if self._needs_kmeans_init():
+            self._kmeans_init(segments)
+            self.data_initialized.fill_(1)
+
+    def _running_affine(self) -> bool:
+        return hasattr(self, "affine_transform") and self.affine_transform.mode == "running"
+
+    @torch.compiler.disable
     @torch.no_grad()
     def _update_running_affine(self, rows: Tensor) -> None:
-        """Running-statistics affine mode, training only: fold the moments of ``rows`` and the codes in."""
+        """Running-statistics affine mode, training only: fold the moments of ``rows`` and the codes in (the
+        input moments summed over ranks when synchronised)."""
         if self.training and hasattr(self, "affine_transform") and self.affine_transform.mode == "running":
             raw = codebook_norm(self.codebook_weight, self.codebook_norm)
-            self.affine_transform.update_running_statistics(rows, raw)
+            moments = None
+            if self._sync_active():
+                acc = torch.promote_types(rows.dtype, torch.float32)
+                r = rows.to(acc)
+                n = torch.tensor([float(rows.shape[0])], dtype=acc, device=rows.device)
+                tot = vq_dist.all_reduce_sum(torch.cat([r.sum(0), (r * r).sum(0), n]))
+                d = rows.shape[1]
+                count = float(tot[-1])
+                if count == 0:
+                    return
+                mean = tot[:d] / count
+                moments = (mean, (tot[d:2 * d] / count - mean * mean).clamp_min(0))
+            self.affine_transform.update_running_statistics(rows, raw, moments)
+
+    def _sync_active(self) -> bool:
+        """Training with a process group of > 1 ranks (and sync not False): the updates go through collectives."""
+        return self.training and vq_dist.enabled(getattr(self, "sync", None))
 
     @torch.no_grad()
     def _after_forward(self, segments: list[Segment], counts: Tensor) -> None:
         """Training only: LRU dead-code replacement and CVQ anchor update (they affect the next step)."""
-        if not self.training:
-            return
+        if self.training and self._updates_after_forward():
+            self._after_forward_eager(segments, counts)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _after_forward_eager(self, segments: list[Segment], counts: Tensor) -> None:
         num_rows = sum(s.rows.shape[0] for s in segments)
+        sync = self._sync_active()
+        if sync and (self.replace_freq > 0 or self.anchor is not None):  # global usage (METHODS §4)
+            tot = vq_dist.all_reduce_sum(torch.cat([counts.to(torch.int64),
+                                                    torch.tensor([num_rows], device=counts.device)]))
+            counts, num_rows = tot[:-1], int(tot[-1])
         if self.replace_freq > 0:
             self._replace_dead_codes(segments, counts)
         if self.anchor is not None and num_rows > 0:
-            self._cvq_update(segments, counts, num_rows)
+            self._cvq_update(segments, counts, num_rows, sync)
+        if sync and (self.replace_freq > 0 or self.anchor is not None):
+            # what was drawn at random (replacements, pool, samples) is rank 0's: every rank takes its state
+            state = [self.codebook_weight] + [getattr(self, n) for n in
+                                              ("lru_counters", "embed_prob", "anchor_initialized", "feature_pool",
+                                               "pool_filled") if hasattr(self, n)]
+            vq_dist.broadcast_state(state)
 
     def _replace_dead_codes(self, segments: list[Segment], counts: Tensor) -> None:
         """LRU (METHODS §2.6): counters start at T, all decrement each step, used codes reset to T; codes at 0
@@ -280,7 +344,7 @@ class VQBase(nn.Module):
             self._write_effective(dead, v)
             self.lru_counters[dead] = t
 
-    def _cvq_update(self, segments: list[Segment], counts: Tensor, num_rows: int) -> None:
+    def _cvq_update(self, segments: list[Segment], counts: Tensor, num_rows: int, sync: bool = False) -> None:
         """CVQ (Zheng & Vedaldi 2023, §3.2; METHODS §3): usage EMA, per-code decay, anchors, running update."""
         cvq.update_usage_ema(self.embed_prob, counts, num_rows, self.anchor_decay)
         if self.anchor == "random":
@@ -290,10 +354,12 @@ class VQBase(nn.Module):
         alpha = cvq.anchor_alpha(self.embed_prob, self.anchor_decay)
         cb = self.effective_codebook().detach().float()
         for seg in segments:
-            if seg.rows.shape[0] == 0:
-                continue
+            if seg.rows.shape[0] == 0 and not (sync and self.anchor == "closest"):
+                continue  # (a synchronised closest update still joins the collective with no candidates)
             block = cb[seg.lo:seg.hi]
-            if self.anchor == "closest":
+            if self.anchor == "closest" and sync:
+                anchors = self._global_closest(seg.rows, block)
+            elif self.anchor == "closest":
                 anchors = cvq.closest_anchors(seg.rows, block.to(seg.rows.dtype), self.metric, backend=self.backend)
             elif self.anchor == "probrandom":
                 anchors = cvq.probrandom_anchors(seg.rows, block.to(seg.rows.dtype), self.metric,
@@ -304,6 +370,16 @@ class VQBase(nn.Module):
             new = (1 - a) * block + a * anchors.float()
             self._write_effective(torch.arange(seg.lo, seg.hi, device=block.device), new)
         self.anchor_initialized.fill_(1)
+
+    def _global_closest(self, rows: Tensor, block: Tensor) -> Tensor:
+        """Per code, the nearest row over every rank's batch (the swapped-role search, then a min over ranks)."""
+        if rows.shape[0]:
+            idx, d = ops.nearest_code(block.to(rows.dtype), rows, metric=self.metric, backend=self.backend)
+            local_rows, local_d = rows.index_select(0, idx).to(block.dtype), d.to(torch.float64)
+        else:
+            local_rows = torch.zeros_like(block)
+            local_d = torch.full((block.shape[0],), float("inf"), dtype=torch.float64, device=block.device)
+        return vq_dist.global_closest(local_d, local_rows)
 
     def _contrastive_loss(self, x: Tensor, cb: Tensor) -> Tensor:
         return cvq.contrastive_loss(x.detach(), cb, self.metric)

@@ -42,7 +42,7 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, z_q: Tensor, nu: float) -> Tensor:
         ctx.nu, ctx.x_dtype, ctx.q_dtype = nu, x.dtype, z_q.dtype
-        return z_q.to(torch.result_type(x, z_q), copy=True)
+        return z_q.to(torch.promote_types(x.dtype, z_q.dtype), copy=True)
 
     @staticmethod
     def backward(ctx, g: Tensor):

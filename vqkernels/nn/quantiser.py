@@ -34,14 +34,16 @@ class VectorQuantiser(VQBase):
 
     def __init__(self, num_embed: int, embed_dim: int, beta: float = 0.25, distance: str = "cos",
                  anchor: str = "probrandom", first_batch: bool = False, contras_loss: bool = False, *,
-                 anchor_decay: float = 0.99, return_encodings: bool = False, backend: str = "auto"):
+                 anchor_decay: float = 0.99, return_encodings: bool = False, backend: str = "auto",
+                 sync: bool | None = None):
         super().__init__()
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {tuple(DISTANCES)}; got {distance!r}")
         if not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"beta must be in [0, 1]; got {beta}")
         self._init_vq(num_embed, embed_dim, metric=DISTANCES[distance], anchor=anchor, anchor_decay=anchor_decay,
-                      first_batch=first_batch, contrastive=contras_loss, backend=backend, codebook_init="uniform")
+                      first_batch=first_batch, contrastive=contras_loss, backend=backend, codebook_init="uniform",
+                      sync=sync)
         self.num_embed, self.embed_dim, self.beta, self.distance = num_embed, embed_dim, float(beta), distance
         self.contras_loss, self.decay, self.return_encodings = contras_loss, anchor_decay, return_encodings
 

@@ -40,15 +40,16 @@ class ResidualVectorQuant(VectorQuant):
             return x.movedim(-1, self.dim), {}
         shape = x.shape
         xf = x.reshape(-1, self.feature_size)
-        init = self._needs_kmeans_init()
-        self._update_running_affine(xf.detach())
+        init = hasattr(self, "data_initialized") and self.training and self._kmeans_pending()
+        if self.training and self._running_affine():
+            self._update_running_affine(xf.detach())
         cb, residual, total, losses, segments = None, xf, 0, [], []
         codes, dists, counts = [], [], torch.zeros(self.num_codes, dtype=torch.int64, device=x.device)
         for i in range(self.groups):
             lo, hi = self._block(i)
             seg = Segment(residual.detach(), lo, hi)
             if init and (i == 0 or not self.share):  # k-means fits each block on the residual it quantises
-                self._kmeans_fit([seg])
+                self._kmeans_init([seg])
                 cb = None
             if cb is None:
                 cb = self.effective_codebook()
@@ -63,7 +64,7 @@ class ResidualVectorQuant(VectorQuant):
         if init:
             self.data_initialized.fill_(1)
         loss = torch.stack(losses).mean()
-        if self.contrastive:
+        if self.contrastive and self.training:
             loss = loss + sum(self._contrastive_loss(s.rows, cb[s.lo:s.hi]) for s in segments) / len(segments)
         out_rows = straight_through(xf, total, self.nu)
         if self.share:

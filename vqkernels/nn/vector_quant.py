@@ -33,6 +33,8 @@ class VectorQuant(VQBase):
         kmeans_iters: Lloyd iterations of the k-means init.
         anchor, anchor_decay, first_batch, contrastive: CVQ anchor replacement (METHODS §3), off by default.
         backend: backend of the ops ("auto", "cpu", "torch", ...).
+        sync: keep codebooks and buffers identical on every rank of a torch.distributed process group (METHODS §4);
+            None: whenever a process group of more than one rank is initialised.
 
     Forward: ``z`` of any shape with ``feature_size`` on ``dim`` -> ``(z_q, out)`` where ``z_q`` has the shape
     of ``z`` and ``out`` holds ``z`` and ``z_q`` (``[..., 1, D]``), ``d`` (Euclidean distance, ``[..., 1]``; the
@@ -49,7 +51,8 @@ class VectorQuant(VQBase):
                  inplace_optimizer: Callable | None = None, kmeans_init: bool = False, norm: str | None = None,
                  cb_norm: str | None = None, dim: int = 1, *, metric: str = "l2", affine_mode: str | None = None,
                  kmeans_iters: int = 20, anchor: str | None = None, anchor_decay: float = 0.99,
-                 first_batch: bool = False, contrastive: bool = False, backend: str = "auto"):
+                 first_batch: bool = False, contrastive: bool = False, backend: str = "auto",
+                 sync: bool | None = None):
         super().__init__()
         self.feature_size, self.dim, self.nu, self.affine_lr = feature_size, dim, float(sync_nu), affine_lr
         self.groups = 1
@@ -57,7 +60,7 @@ class VectorQuant(VQBase):
                       affine_groups=affine_groups, affine_mode=affine_mode, replace_freq=replace_freq,
                       inplace_optimizer=inplace_optimizer, beta=beta, kmeans_init=kmeans_init,
                       kmeans_iters=kmeans_iters, anchor=anchor, anchor_decay=anchor_decay,
-                      first_batch=first_batch, contrastive=contrastive, backend=backend)
+                      first_batch=first_batch, contrastive=contrastive, backend=backend, sync=sync)
         self.norm = norm
         self.norm_layer = VectorNorm(norm, feature_size)
 
