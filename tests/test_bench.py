@@ -26,3 +26,14 @@ def test_bench_quick_json(tmp_path):
             assert r["gflops"] > 0 and r["speedup_vs_naive"] > 0 and r["x_gemm_time"] > 0
             if r["kind"] == "backend":
                 assert r["verdict"] == "PASS", r
+
+
+def test_bench_presets_and_plot(tmp_path):
+    args = bench.parse_args(["--preset", "gpu", "--device", "cpu"])
+    assert args.shapes == list(bench.PRESETS["gpu"]) and len(args.shapes) == 9
+    assert bench.parse_args(["--device", "cpu"]).shapes == list(bench.PRESETS["cpu-default"])
+    assert bench.parse_args(["--preset", "gpu", "--shape", "10,20,30"]).shapes == [(10, 20, 30)]
+    png = tmp_path / "speedup.png"
+    assert bench.main(["--shape", "300,70,8", "--shape", "300,140,8", "--dtype", "fp32", "--min-time", "0.01",
+                       "--plot", png]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

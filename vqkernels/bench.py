@@ -36,6 +36,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -53,6 +54,20 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = ((4096, 1024, 64), (65536, 4096, 64), (16384, 16384, 256))
 QUICK_SHAPES: tuple[tuple[int, int, int], ...] = ((4096, 1024, 64), (1000, 257, 40))
+# Shape presets named after the workloads they stand for (N rows x K codes x D features).
+PRESETS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "cpu-default": DEFAULT_SHAPES,  # a few minutes on 2 cores
+    "quick": QUICK_SHAPES,  # seconds; what the tests run
+    "gpu": (
+        (65536, 1024, 256), (65536, 16384, 256),  # VQGAN-style tokenizers
+        (262144, 16384, 8), (262144, 16384, 32),  # low-dimensional factorised codes (epilogue-bound)
+        (1048576, 16384, 64),  # a large batch of image tokens
+        (262144, 100000, 256),  # large codebooks, K not a power of two
+        (65536, 1048576, 64),  # a million codes: split-K
+        (1048576, 4096, 1024),  # wide features: GEMM-bound, compare to cuBLAS
+        (100003, 1000, 100),  # odd sizes everywhere
+    ),
+}
 DEFAULT_MIN_TIME = 1.0  # seconds of timed runs per measurement
 QUICK_MIN_TIME = 0.1
 BASELINES = ("naive", "gemm", "gemm_out")
@@ -507,6 +522,34 @@ def print_table(rows: list[Row], header: str) -> None:
     Console(width=max(160, Console().width)).print(table)
 
 
+def plot_speedups(rows: list[Row], path: Path, title: str) -> None:
+    """PNG: speed-up of each backend over the naive reference against K (log scale), one line per (backend,
+    dtype, D); the dashed line marks parity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str, int], list[tuple[int, float]]] = {}
+    for r in rows:
+        if r.kind == "backend" and r.speedup_vs_naive is not None:
+            series.setdefault((r.name, r.dtype, r.D), []).append((r.K, r.speedup_vs_naive))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (name, dtype, d), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([k for k, _ in pts], [s for _, s in pts], marker="o", label=f"{name} {dtype} D={d}")
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("codebook size K")
+    ax.set_ylabel("speed-up over the naive PyTorch search")
+    ax.set_title(textwrap.fill(title, 130), fontsize=7)
+    if series:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_json(path: Path, machine: dict[str, Any], config: dict[str, Any], rows: list[Row]) -> None:
     """``{"machine": ..., "config": ..., "rows": [...]}``, every number as measured (times in ms)."""
     rows_json = []
@@ -562,6 +605,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
                    help=f"timed seconds per measurement (default {DEFAULT_MIN_TIME}, "
                         f"{QUICK_MIN_TIME} with --quick)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="named shape set (default: cpu-default on the CPU, gpu on CUDA); --shape overrides it")
+    p.add_argument("--plot", type=Path, default=None, metavar="PATH",
+                   help="write a PNG of each backend's speed-up over the naive reference vs K, one line per D")
     p.add_argument("--quick", action="store_true", help="small shapes only (for tests): "
                    + " ".join(",".join(map(str, s)) for s in QUICK_SHAPES))
     p.add_argument("--no-check", action="store_true", help="skip the fp64 correctness check")
@@ -577,7 +624,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if name not in runnable:
             why = BACKENDS[name].why_not() or f"it does not run on {args.device}"
             p.error(f"--backend {name}: {why}")
-    args.shapes = args.shape or list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    preset = "quick" if args.quick else (args.preset or ("gpu" if args.device == "cuda" else "cpu-default"))
+    args.shapes = args.shape or list(PRESETS[preset])
     if args.min_time is None:
         args.min_time = QUICK_MIN_TIME if args.quick else DEFAULT_MIN_TIME
     return args
@@ -610,6 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "backends": args.backend, "min_time": args.min_time, "check": not args.no_check,
                   "check_rows": CHECK_ROWS}
         write_json(args.json, machine, config, rows)
+    if args.plot is not None:
+        plot_speedups(rows, args.plot, header_line(machine, args.metric, args.min_time))
     failed = [r for r in rows if r.failed]
     for r in failed:
         print(f"FAILED: {r.N},{r.K},{r.D} {r.dtype} {r.name}: {r.verdict}", file=sys.stderr)
