@@ -37,3 +37,13 @@ def test_bench_presets_and_plot(tmp_path):
     assert bench.main(["--shape", "300,70,8", "--shape", "300,140,8", "--dtype", "fp32", "--min-time", "0.01",
                        "--plot", png]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_bench_skips_nxk_baselines_over_the_memory_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "MAX_NK_BYTES", 1)
+    out = tmp_path / "b.json"
+    assert bench.main(["--shape", "200,50,8", "--dtype", "fp32", "--min-time", "0.01", "--json", out]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in ("naive", "gemm", "gemm_out", "gemm_argmin"):
+        assert rows[name]["verdict"].startswith("skipped") and rows[name]["median_ms"] is None
+    assert rows["cpu"]["verdict"] == "PASS" and rows["cdist_chunked"]["median_ms"] is not None

@@ -70,7 +70,10 @@ PRESETS: dict[str, tuple[tuple[int, int, int], ...]] = {
 }
 DEFAULT_MIN_TIME = 1.0  # seconds of timed runs per measurement
 QUICK_MIN_TIME = 0.1
-BASELINES = ("naive", "gemm", "gemm_out")
+BASELINES = ("naive", "gemm", "gemm_out", "gemm_argmin", "cdist_chunked")
+# Baselines that hold an N x K matrix are skipped above this many bytes of it (env VQK_BENCH_MAX_NK_BYTES).
+MAX_NK_BYTES = int(os.environ.get("VQK_BENCH_MAX_NK_BYTES", 8 << 30))
+CDIST_CHUNK = 1024  # vqtorch's cdist_chunk_size
 MIN_RUNS = 3  # timed samples per measurement at least, whatever --min-time says
 
 CHECK_ROWS = 2048  # rows sampled for the fp64 correctness check (against all K codes)
@@ -139,15 +142,39 @@ def naive_codes(x: Tensor, codebook: Tensor, metric: str) -> Tensor:
     return dist.argmin(1)
 
 
+def gemm_argmin_codes(x: Tensor, codebook: Tensor, metric: str) -> Tensor:
+    """One GEMM into the argmin key (METHODS §1), then argmin: the best unfused search (writes N x K once)."""
+    if metric == "l2":
+        return torch.addmm((codebook * codebook).sum(1), x, codebook.T, alpha=-2).argmin(1)
+    if metric == "cosine":
+        return (x @ (codebook / codebook.norm(dim=1, keepdim=True).clamp_min(1e-12)).T).argmax(1)
+    return (x @ codebook.T).argmax(1)
+
+
+def cdist_chunked_codes(x: Tensor, codebook: Tensor) -> Tensor:
+    """vqtorch's search: ``torch.cdist`` over 1024-row chunks and ``topk(1)`` (l2 only)."""
+    return torch.cat([torch.cdist(xc, codebook).topk(1, dim=1, largest=False).indices.squeeze(1)
+                      for xc in x.split(CDIST_CHUNK)])
+
+
 def make_callables(x: Tensor, codebook: Tensor, metric: str,
                    backends: Sequence[str]) -> dict[str, Callable[[], Any]]:
     """Name -> zero-argument callable, baselines first (their times are the denominators of the speed-ups)."""
-    buf = x.new_empty(x.shape[0], codebook.shape[0])
+    buf: list[Tensor] = []
+
+    def gemm_out():
+        if not buf:  # allocated on first use: a skipped baseline costs no N x K memory
+            buf.append(x.new_empty(x.shape[0], codebook.shape[0]))
+        return torch.matmul(x, codebook.T, out=buf[0])
+
     fns: dict[str, Callable[[], Any]] = {
         "naive": lambda: naive_codes(x, codebook, metric),
         "gemm": lambda: x @ codebook.T,
-        "gemm_out": lambda: torch.matmul(x, codebook.T, out=buf),
+        "gemm_out": gemm_out,
+        "gemm_argmin": lambda: gemm_argmin_codes(x, codebook, metric),
     }
+    if metric == "l2":
+        fns["cdist_chunked"] = lambda: cdist_chunked_codes(x, codebook)
     for b in backends:
         fns[b] = functools.partial(quantize, x, codebook, metric=metric, backend=b)
     return fns
@@ -420,8 +447,13 @@ def run_case(shape: tuple[int, int, int], dtype_name: str, metric: str, device: 
     n, k, d = shape
     x, codebook = make_inputs(n, k, d, DTYPES[dtype_name], device)
     rows = []
+    nk_bytes = n * k * x.element_size()
     for name, fn in make_callables(x, codebook, metric, backends).items():
         row = Row(n, k, d, dtype_name, metric, device, name, "baseline" if name in BASELINES else "backend")
+        if name in ("naive", "gemm", "gemm_out", "gemm_argmin") and nk_bytes > MAX_NK_BYTES:
+            row.verdict = f"skipped (N x K = {nk_bytes / 2**30:.0f} GiB > VQK_BENCH_MAX_NK_BYTES)"
+            rows.append(row)
+            continue
         try:
             run_one(row, fn, x, codebook, min_time, check)
         except Exception as e:  # noqa: BLE001 - report, keep benchmarking the others
