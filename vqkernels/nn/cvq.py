@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..dispatch import select
-from ..ops import METRICS, _check_matrix, nearest_code
+from ..ops import _check_matrix, nearest_code
 from ..ops import _check_pair as _check_pair_op
 from ..reference import COS_EPS
 
@@ -57,11 +57,6 @@ def _check_decay(decay) -> float:
     return float(decay)
 
 
-def _check_metric(metric) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
-
-
 def _check_vector(t, name: str, length: int | None = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -73,7 +68,6 @@ def _check_vector(t, name: str, length: int | None = None) -> None:
 def _check_pair(x, codebook, metric) -> None:
     """x ``[N, D]`` and codebook ``[K >= 1, D]`` (dtypes may differ): floating, same D and device; a known
     metric."""
-    _check_metric(metric)
     _check_pair_op(x, codebook, metric, same_dtype=False)
 
 
