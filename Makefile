@@ -3,7 +3,7 @@
 #   make test PYTHON=python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
-PY_DEPS     ?= numpy scipy scikit-learn pytest ninja wheel rich tqdm matplotlib triton==3.9.0
+PY_DEPS     ?= numpy scipy scikit-learn pytest pytest-benchmark ninja wheel rich tqdm matplotlib triton==3.9.0
 MAX_JOBS    ?= 2
 # Optional baselines of the layer benchmark; a failed install only drops their rows.
 BENCH_DEPS  ?= vector-quantize-pytorch

@@ -8,17 +8,24 @@ For every shape ``(N, K, D)`` and dtype it times, in one run and on the same inp
 - ``gemm``: ``x @ C.T`` alone in the input dtype (the floor a GEMM-based search is measured against);
 - ``gemm_out``: the same GEMM into a preallocated N x K buffer. On the CPU a fresh N x K output is returned to
   the OS after every call and faulted in again by the next, which can double the time of ``gemm``;
-  ``gemm_out`` is the pure GEMM.
+  ``gemm_out`` is the pure GEMM;
+- ``gemm_argmin``: one GEMM into the argmin key, then argmin (the best unfused search);
+- ``cdist_chunked``: vqtorch's search, ``torch.cdist`` over 1024-row chunks + ``topk`` (l2);
+- ``vqp_layer``: vector-quantize-pytorch's ``VectorQuantize`` forward in eval mode on the same codebook (l2 and
+  cosine; when the package is installed).
 
 Each row reports median and 20%/80% quantiles of the per-call time, GFLOP/s (``2NKD / t``), distances/s
-(``NK / t``), speed-ups ``t_naive / t`` and ``t_gemm / t``, the time as a multiple of the GEMMs'
+(``NK / t``), the percentage of the device roofline (the lower bound of :mod:`vqkernels.roofline` over ``t``;
+datasheet peaks for known GPUs, else measured GEMM and copy peaks), speed-ups ``t_naive / t`` and
+``t_gemm / t``, the time as a multiple of the GEMMs'
 (``t / t_gemm`` and ``t / t_gemm_out``), the measured peak extra memory of one call, and (backends only) a
 correctness verdict against an fp64 brute force on a sample of rows. The exit code is 1 when any check fails
 (a baseline that raises is reported as ERROR and does not fail the run).
 
 Examples::
 
-    python -m vqkernels.bench                                  # default shapes, fp32 + bf16, l2
+    python -m vqkernels.bench                                  # default shapes, fp32 + bf16, every metric
+    python -m vqkernels.bench --preset gpu --backend triton,cuda --dtype bf16 --metric l2
     python -m vqkernels.bench --shape 8192,2048,128 --dtype fp32 --metric cosine --json out.json
     python -m vqkernels.bench --quick --min-time 0.05           # seconds; what tests/test_bench.py runs
 """
@@ -45,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import info, reference
+from . import info, reference, roofline
 from .dispatch import BACKENDS
 from .ops import METRICS, Quantized, quantize
 
@@ -70,7 +77,8 @@ PRESETS: dict[str, tuple[tuple[int, int, int], ...]] = {
 }
 DEFAULT_MIN_TIME = 1.0  # seconds of timed runs per measurement
 QUICK_MIN_TIME = 0.1
-BASELINES = ("naive", "gemm", "gemm_out", "gemm_argmin", "cdist_chunked")
+BASELINES = ("naive", "gemm", "gemm_out", "gemm_argmin", "cdist_chunked", "vqp_layer")
+NK_BASELINES = ("naive", "gemm", "gemm_out", "gemm_argmin", "vqp_layer")  # they hold an N x K matrix
 # Baselines that hold an N x K matrix are skipped above this many bytes of it (env VQK_BENCH_MAX_NK_BYTES).
 MAX_NK_BYTES = int(os.environ.get("VQK_BENCH_MAX_NK_BYTES", 8 << 30))
 CDIST_CHUNK = 1024  # vqtorch's cdist_chunk_size
@@ -114,6 +122,8 @@ class Row:
     samples: int | None = None  # timed blocks (each the mean of one or more calls)
     gflops: float | None = None
     dists_per_s: float | None = None
+    bound_ms: float | None = None  # roofline lower bound of the fused search on this device
+    pct_of_bound: float | None = None  # 100 * bound_ms / median_ms
     speedup_vs_naive: float | None = None
     speedup_vs_gemm: float | None = None
     x_gemm_time: float | None = None
@@ -157,10 +167,48 @@ def cdist_chunked_codes(x: Tensor, codebook: Tensor) -> Tensor:
                       for xc in x.split(CDIST_CHUNK)])
 
 
+def vqp_missing() -> str | None:
+    """Why vector-quantize-pytorch cannot run (None when it imports)."""
+    try:
+        import vector_quantize_pytorch  # noqa: F401
+    except ImportError as e:
+        return f"not installed ({e}); pip install vector-quantize-pytorch"
+    return None
+
+
+def vqp_layer_codes(x: Tensor, codebook: Tensor, metric: str) -> Callable[[], Tensor]:
+    """vector-quantize-pytorch's ``VectorQuantize`` (eval, no grad) holding ``codebook`` -> a callable giving codes.
+
+    Its cosine codebook is used as stored (it keeps it l2-normalised itself), so it gets the normalised codes:
+    the same argmin as ours.
+    """
+    from vector_quantize_pytorch import VectorQuantize  # optional: the bench extra
+
+    layer = VectorQuantize(dim=codebook.shape[1], codebook_size=codebook.shape[0],
+                           use_cosine_sim=metric == "cosine").to(device=x.device, dtype=x.dtype).eval()
+    with torch.no_grad():
+        emb = layer._codebook.embed  # [heads=1, K, D]
+        cb = torch.nn.functional.normalize(codebook, dim=1) if metric == "cosine" else codebook
+        emb.copy_(cb.view_as(emb))
+        layer._codebook.initted.fill_(True)
+
+    @torch.no_grad()
+    def run() -> Tensor:
+        return layer(x[None])[1][0]
+
+    return run
+
+
 def make_callables(x: Tensor, codebook: Tensor, metric: str,
                    backends: Sequence[str]) -> dict[str, Callable[[], Any]]:
     """Name -> zero-argument callable, baselines first (their times are the denominators of the speed-ups)."""
     buf: list[Tensor] = []
+    vqp: list[Callable[[], Tensor]] = []
+
+    def vqp_layer():
+        if not vqp:  # built on first use, like gemm_out's buffer
+            vqp.append(vqp_layer_codes(x, codebook, metric))
+        return vqp[0]()
 
     def gemm_out():
         if not buf:  # allocated on first use: a skipped baseline costs no N x K memory
@@ -175,6 +223,8 @@ def make_callables(x: Tensor, codebook: Tensor, metric: str,
     }
     if metric == "l2":
         fns["cdist_chunked"] = lambda: cdist_chunked_codes(x, codebook)
+    if metric in ("l2", "cosine") and vqp_missing() is None:
+        fns["vqp_layer"] = vqp_layer
     for b in backends:
         fns[b] = functools.partial(quantize, x, codebook, metric=metric, backend=b)
     return fns
@@ -410,7 +460,7 @@ def check_quantized(x: Tensor, codebook: Tensor, metric: str, q: Quantized) -> t
 # One case: a shape and a dtype.
 # ---------------------------------------------------------------------------------------------------------------
 def run_one(row: Row, fn: Callable[[], Any], x: Tensor, codebook: Tensor, min_time: float,
-            check: bool) -> None:
+            check: bool, bound_s: float | None = None) -> None:
     """Fill ``row`` with the timing, peak memory and (backends, unless ``check`` is off) verdict of ``fn``.
 
     Timing comes first: its warm-up keeps one-time costs (thread pools, JIT kernels) out of the peak memory of
@@ -420,6 +470,8 @@ def run_one(row: Row, fn: Callable[[], Any], x: Tensor, codebook: Tensor, min_ti
     row.median_ms, row.p20_ms, row.p80_ms, row.samples = t.median * 1e3, t.p20 * 1e3, t.p80 * 1e3, t.samples
     row.gflops = 2 * row.N * row.K * row.D / t.median / 1e9
     row.dists_per_s = row.N * row.K / t.median
+    if bound_s is not None:
+        row.bound_ms, row.pct_of_bound = bound_s * 1e3, 100 * bound_s / t.median
     row.peak_extra_mib, out = measure_peak(fn, row.device)
     if row.kind == "backend":
         row.verdict, row.check = check_quantized(x, codebook, row.metric, out) if check else ("skipped", {})
@@ -442,20 +494,21 @@ def add_ratios(rows: list[Row]) -> None:
 
 
 def run_case(shape: tuple[int, int, int], dtype_name: str, metric: str, device: str, backends: Sequence[str],
-             min_time: float, check: bool) -> list[Row]:
-    """Every backend and baseline on one shape and dtype; an exception fails that row only."""
+             min_time: float, check: bool, peaks: roofline.Peaks | None = None) -> list[Row]:
+    """Every backend and baseline on one shape, dtype and metric; an exception fails that row only."""
     n, k, d = shape
     x, codebook = make_inputs(n, k, d, DTYPES[dtype_name], device)
+    bound_s = None if peaks is None else roofline.bound_seconds(n, k, d, x.dtype, peaks)
     rows = []
     nk_bytes = n * k * x.element_size()
     for name, fn in make_callables(x, codebook, metric, backends).items():
         row = Row(n, k, d, dtype_name, metric, device, name, "baseline" if name in BASELINES else "backend")
-        if name in ("naive", "gemm", "gemm_out", "gemm_argmin") and nk_bytes > MAX_NK_BYTES:
+        if name in NK_BASELINES and nk_bytes > MAX_NK_BYTES:
             row.verdict = f"skipped (N x K = {nk_bytes / 2**30:.0f} GiB > VQK_BENCH_MAX_NK_BYTES)"
             rows.append(row)
             continue
         try:
-            run_one(row, fn, x, codebook, min_time, check)
+            run_one(row, fn, x, codebook, min_time, check, bound_s)
         except Exception as e:  # noqa: BLE001 - report, keep benchmarking the others
             row.verdict = f"{'FAIL' if row.kind == 'backend' else 'ERROR'}({type(e).__name__}: {e})"
         rows.append(row)
@@ -499,9 +552,10 @@ def machine_info(device: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Output.
 # ---------------------------------------------------------------------------------------------------------------
-COLUMNS = ("shape N,K,D", "dtype", "name", "median ms", "p20-p80 ms (n)", "GFLOP/s", "Gdist/s", "vs naive",
-           "vs gemm", "x GEMM time", "x gemm_out", "peak MiB", "check")
-LEFT_COLUMNS = (0, 1, 2, len(COLUMNS) - 1)  # text; the numbers are right-aligned
+# The terminal table leaves out what the JSON also has as an inverse (speedup_vs_gemm = 1 / x_gemm_time).
+COLUMNS = ("shape N,K,D", "dtype", "metric", "name", "median ms", "p20-p80 ms (n)", "GFLOP/s", "Gdist/s",
+           "% roofline", "vs naive", "x GEMM time", "x gemm_out", "peak MiB", "check")
+LEFT_COLUMNS = (0, 1, 2, 3, len(COLUMNS) - 1)  # text; the numbers are right-aligned
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -518,18 +572,24 @@ def format_row(r: Row) -> list[str]:
     median = "-" if r.median_ms is None else _ms(r.median_ms)
     spread = "-" if r.p20_ms is None else f"{_ms(r.p20_ms)}-{_ms(r.p80_ms)} ({r.samples or '?'})"
     gdist = None if r.dists_per_s is None else r.dists_per_s / 1e9
-    return [f"{r.N},{r.K},{r.D}", r.dtype, r.name, median, spread, _fmt(r.gflops, ".1f"), _fmt(gdist, ".2f"),
-            _fmt(r.speedup_vs_naive, ".2f", "x"), _fmt(r.speedup_vs_gemm, ".2f", "x"),
+    return [f"{r.N},{r.K},{r.D}", r.dtype, r.metric, r.name, median, spread, _fmt(r.gflops, ".1f"),
+            _fmt(gdist, ".2f"), _fmt(r.pct_of_bound, ".1f", "%"), _fmt(r.speedup_vs_naive, ".2f", "x"),
             _fmt(r.x_gemm_time, ".2f", "x"), _fmt(r.x_gemm_out_time, ".2f", "x"),
             _fmt(r.peak_extra_mib, ".1f"), r.verdict]
 
 
-def header_line(machine: dict[str, Any], metric: str, min_time: float) -> str:
-    """One line saying what ran where: version, commit, date, device, threads, torch/triton, load, options."""
+def header_line(machine: dict[str, Any], min_time: float) -> str:
+    """One line saying what ran where: version, commit, date, device, threads, torch/triton, load, options, and
+    where the roofline's peaks come from."""
     m = machine
-    return (f"vqkernels {m['vqkernels']} @ {m['git_commit'] or 'unknown commit'} | {m['date']} | "
+    line = (f"vqkernels {m['vqkernels']} @ {m['git_commit'] or 'unknown commit'} | {m['date']} | "
             f"{m['device']}: {m['device_name']} | threads {m['threads']} | torch {m['torch']} | "
-            f"triton {m['triton']} | load {m['loadavg_1m']} | metric {metric} | min-time {min_time:g}s")
+            f"triton {m['triton']} | load {m['loadavg_1m']} | min-time {min_time:g}s")
+    peaks = m.get("roofline")
+    if peaks:
+        tflops = ", ".join(f"{k} {v:.3g}" for k, v in sorted(peaks["tflops"].items()))
+        line += f" | roofline {peaks['source']}: TFLOP/s {tflops}; {peaks['bandwidth_gb_s']:.0f} GB/s"
+    return line
 
 
 def print_table(rows: list[Row], header: str) -> None:
@@ -551,7 +611,7 @@ def print_table(rows: list[Row], header: str) -> None:
     for r, line in zip(rows, cells):
         bad = r.failed or r.verdict.startswith("ERROR")
         table.add_row(*line, style="red" if bad else ("bold" if r.kind == "backend" else None))
-    Console(width=max(160, Console().width)).print(table)
+    Console(width=max(180, Console().width)).print(table)
 
 
 def plot_speedups(rows: list[Row], path: Path, title: str) -> None:
@@ -562,14 +622,14 @@ def plot_speedups(rows: list[Row], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[tuple[str, str, int], list[tuple[int, float]]] = {}
+    series: dict[tuple[str, str, str, int], list[tuple[int, float]]] = {}
     for r in rows:
         if r.kind == "backend" and r.speedup_vs_naive is not None:
-            series.setdefault((r.name, r.dtype, r.D), []).append((r.K, r.speedup_vs_naive))
+            series.setdefault((r.name, r.dtype, r.metric, r.D), []).append((r.K, r.speedup_vs_naive))
     fig, ax = plt.subplots(figsize=(8, 5))
-    for (name, dtype, d), pts in sorted(series.items()):
+    for (name, dtype, metric, d), pts in sorted(series.items()):
         pts.sort()
-        ax.plot([k for k, _ in pts], [s for _, s in pts], marker="o", label=f"{name} {dtype} D={d}")
+        ax.plot([k for k, _ in pts], [s for _, s in pts], marker="o", label=f"{name} {dtype} {metric} D={d}")
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("codebook size K")
@@ -627,7 +687,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         + " ".join(",".join(map(str, s)) for s in DEFAULT_SHAPES) + ")")
     p.add_argument("--dtype", type=_names(tuple(DTYPES)), default=["fp32", "bf16"],
                    help=f"comma list of {','.join(DTYPES)} (default fp32,bf16)")
-    p.add_argument("--metric", choices=METRICS, default="l2")
+    p.add_argument("--metric", type=_names(METRICS), default=list(METRICS),
+                   help=f"comma list of {','.join(METRICS)} (default: all)")
     p.add_argument("--backend", type=_names(tuple(BACKENDS)), default=None,
                    help="comma list (default: every backend available on the device)")
     p.add_argument("--device", choices=("cpu", "cuda"),
@@ -676,25 +737,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the table (and write JSON); return 1 if any correctness check failed."""
     args = parse_args(argv)
     machine = machine_info(args.device)
-    cases = [(s, dt) for s in args.shapes for dt in args.dtype]
+    print(f"roofline peaks for {args.device} ...", file=sys.stderr, flush=True)
+    peaks = roofline.peaks(args.device, tuple(args.dtype))
+    machine["roofline"] = peaks.as_json()
+    cases = [(s, dt, m) for s in args.shapes for dt in args.dtype for m in args.metric]
     rows: list[Row] = []
     bar = _progress(cases, desc="bench")
-    for shape, dtype_name in bar:
+    for shape, dtype_name, metric in bar:
         if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{','.join(map(str, shape))} {dtype_name}")
-        rows += run_case(shape, dtype_name, args.metric, args.device, args.backend, args.min_time,
-                         not args.no_check)
-    print_table(rows, header_line(machine, args.metric, args.min_time))
+            bar.set_postfix_str(f"{','.join(map(str, shape))} {dtype_name} {metric}")
+        rows += run_case(shape, dtype_name, metric, args.device, args.backend, args.min_time,
+                         not args.no_check, peaks)
+    print_table(rows, header_line(machine, args.min_time))
     if args.json is not None:
-        config = {"shapes": [list(s) for s in args.shapes], "dtypes": args.dtype, "metric": args.metric,
+        config = {"shapes": [list(s) for s in args.shapes], "dtypes": args.dtype, "metrics": args.metric,
                   "backends": args.backend, "min_time": args.min_time, "check": not args.no_check,
                   "check_rows": CHECK_ROWS}
         write_json(args.json, machine, config, rows)
     if args.plot is not None:
-        plot_speedups(rows, args.plot, header_line(machine, args.metric, args.min_time))
+        plot_speedups(rows, args.plot, header_line(machine, args.min_time))
     failed = [r for r in rows if r.failed]
     for r in failed:
-        print(f"FAILED: {r.N},{r.K},{r.D} {r.dtype} {r.name}: {r.verdict}", file=sys.stderr)
+        print(f"FAILED: {r.N},{r.K},{r.D} {r.dtype} {r.metric} {r.name}: {r.verdict}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -133,14 +133,6 @@ def _vqp_step(x: Tensor, cb0: Tensor, g: Tensor) -> Callable[[], tuple[Tensor, N
     return step
 
 
-def _vqp_missing() -> str | None:
-    try:
-        import vector_quantize_pytorch  # noqa: F401
-    except ImportError as e:
-        return f"not installed ({e}); pip install vector-quantize-pytorch"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Correctness.
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,23 +162,35 @@ def check_step(x: Tensor, cb0: Tensor, codes: Tensor, loss: Tensor | None) -> tu
 # ---------------------------------------------------------------------------------------------------------------
 # Running and reporting.
 # ---------------------------------------------------------------------------------------------------------------
-def run_case(shape: tuple[int, int, int], device: str, backend: str, min_time: float) -> list[LayerRow]:
+StepMaker = Callable[[], Callable[[], tuple[Tensor, Tensor | None]]]
+
+
+def make_steps(shape: tuple[int, int, int], device: str, backend: str) -> tuple[Tensor, Tensor, dict[str, StepMaker]]:
+    """Inputs ``x [N, D]`` (requires grad), initial codebook ``[K, D]`` and name -> maker of a zero-argument
+    training step returning ``(codes [N], loss or None)``; "vqkernels" first (the times are relative to it)."""
     n, k, d = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=gen).to(device).requires_grad_(True)
     cb0 = torch.randn(k, d, generator=gen).to(device)
     g = torch.randn(n, d, generator=gen).to(device)
-    makers: dict[str, Callable[[], Callable[[], tuple[Tensor, Tensor | None]]]] = {
+    makers: dict[str, StepMaker] = {
         "vqkernels": lambda: _vqkernels_step(x, cb0, g, backend),
         "quantize op + loss": lambda: _op_step(x, cb0, g, backend),
         "vqtorch-style": lambda: _vqtorch_step(x, cb0, g),
         "vector-quantize-pytorch": lambda: _vqp_step(x, cb0, g),
     }
+    return x, cb0, makers
+
+
+def run_case(shape: tuple[int, int, int], device: str, backend: str, min_time: float) -> list[LayerRow]:
+    """Every step of :func:`make_steps` on one shape; an exception fails that row only."""
+    n, k, d = shape
+    x, cb0, makers = make_steps(shape, device, backend)
     rows = []
     for name, make in makers.items():
         row = LayerRow(n, k, d, "fp32", device, name)
         rows.append(row)
-        if name == "vector-quantize-pytorch" and (why := _vqp_missing()):
+        if name == "vector-quantize-pytorch" and (why := bench.vqp_missing()):
             row.verdict = f"skipped: {why}"
             continue
         try:

@@ -1,0 +1,55 @@
+"""The op benchmark of ``python -m vqkernels.bench`` as a pytest-benchmark suite: one group per (shape, dtype,
+metric), holding every runnable backend of ``quantize`` and every baseline, so that pytest-benchmark's table
+compares them side by side. Backends must pass the CLI's fp64 correctness check."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from suite import timed, vqk_shapes
+
+from vqkernels import bench
+from vqkernels.dispatch import BACKENDS
+
+
+def _backends(device: str) -> list[str]:
+    return [n for n, b in BACKENDS.items()
+            if device in b.devices and b.available() and b.device_why_not(device) is None
+            and not (n == "triton" and device == "cpu")]  # the interpreter is not timed
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    cfg = metafunc.config
+    device = cfg.getoption("--vqk-device")
+    cases = [(s, dt, m) for s in vqk_shapes(cfg) for dt in cfg.getoption("--vqk-dtype")
+             for m in cfg.getoption("--vqk-metric")]
+    names = [*bench.BASELINES, *_backends(device)]
+    metafunc.parametrize("case", cases, ids=[f"{n}x{k}x{d}-{dt}-{m}" for (n, k, d), dt, m in cases])
+    metafunc.parametrize("name", names)
+
+
+@functools.lru_cache(maxsize=1)
+def _inputs(shape, dtype_name, device):
+    """The case's inputs, kept while consecutive tests share them."""
+    return bench.make_inputs(*shape, bench.DTYPES[dtype_name], device)
+
+
+def test_quantize(benchmark, case, name, vqk_device):
+    shape, dtype_name, metric = case
+    x, codebook = _inputs(shape, dtype_name, vqk_device)
+    fns = bench.make_callables(x, codebook, metric, [] if name in bench.BASELINES else [name])
+    if name not in fns:
+        pytest.skip(f"{name} does not run {metric}" + ("" if name != "vqp_layer" else " or is not installed"))
+    n, k, d = shape
+    if name in bench.NK_BASELINES and n * k * x.element_size() > bench.MAX_NK_BYTES:
+        pytest.skip("N x K over VQK_BENCH_MAX_NK_BYTES")
+    benchmark.group = f"{n},{k},{d} {dtype_name} {metric}"
+    benchmark.extra_info.update(N=n, K=k, D=d, dtype=dtype_name, metric=metric, flops=2 * n * k * d)
+    out = benchmark(timed(fns[name], vqk_device))
+    if name not in bench.BASELINES:
+        verdict, details = bench.check_quantized(x, codebook, metric, out)
+        benchmark.extra_info["check"] = details
+        assert verdict == "PASS", verdict
