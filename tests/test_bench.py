@@ -44,6 +44,10 @@ def test_bench_quick_json(tmp_path):
             assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
             assert r["gflops"] > 0 and r["speedup_vs_naive"] > 0 and r["x_gemm_time"] > 0
             assert r["pct_of_bound"] == pytest.approx(100 * r["bound_ms"] / r["median_ms"])
+            assert set(r["speedups"]) == expected - backends
+            assert r["speedups"]["naive"] == pytest.approx(r["speedup_vs_naive"])
+            best = min(r["speedups"][b] for b in bench.SEARCH_BASELINES if b in r["speedups"])  # fastest
+            assert r["speedup_vs_best_search"] == pytest.approx(best)
             if r["kind"] == "backend":
                 assert r["verdict"] == "PASS", r
 
