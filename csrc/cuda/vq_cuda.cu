@@ -1,7 +1,10 @@
 // CUDA kernels of the fused VQ ops, with plain C launchers (vq_cuda.h): no torch headers, so `nvcc -c` checks
 // this file on any machine with the CUDA toolkit.
 //
-// search_kernel: a block owns BM rows; the codes of its split stream through in blocks of BN. The BM x BN dot
+// search_kernel: a block owns BM rows; the codes of its split stream through in blocks of BN. The row and code
+// tiles are double-buffered in shared memory: on sm_80+ with 16-byte aligned rows they arrive by cp.async while the
+// previous tile is multiplied (and the next code block's first tile while the epilogue runs); otherwise by plain
+// loads in the same two-buffer order. The BM x BN dot
 // products come from tensor cores (WMMA 16x16x16, bf16/fp16 on sm_80+) or from a register-tiled FMA loop
 // (fp32 as IEEE fp32, fp64), into shared memory, where two threads per row reduce them to a running top-2
 // (key, index) (strictly smaller keys replace, codes are visited in increasing order: ties go to the lowest
@@ -62,6 +65,38 @@ constexpr bool kHasWmma = true;
 constexpr bool kHasWmma = false;
 #endif
 
+// ---- cp.async (sm_80+) ------------------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+constexpr bool kHasCpAsync = true;
+#else
+constexpr bool kHasCpAsync = false;
+#endif
+
+// 16 bytes global -> shared without staging in registers; src_bytes = 0 writes zeros (rows or features past the
+// end), reading nothing.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+#else
+  (void)smem; (void)gmem; (void)src_bytes;
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// wait until at most `Pending` of this thread's committed groups are still in flight
+template <int Pending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
+#endif
+}
+
 template <typename T>
 struct IsHalf { static constexpr bool value = false; };
 template <>
@@ -106,10 +141,11 @@ template <typename T, typename A, int BN>
 __global__ void __launch_bounds__(kThreads)
 search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __restrict__ w, const A* __restrict__ o,
               int64_t N, int64_t K, int64_t D, int64_t ldx, int64_t ldc, int64_t codes_per_split, int top,
-              A* __restrict__ pv, int32_t* __restrict__ pi) {
+              int vec16, A* __restrict__ pv, int32_t* __restrict__ pi) {
   constexpr bool kWmma = IsHalf<T>::value && kHasWmma;
-  __shared__ __align__(32) T xs[kBM][kBK];
-  __shared__ __align__(32) T cs[BN][kBK];
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte copy
+  __shared__ __align__(32) T xs[2][kBM][kBK];
+  __shared__ __align__(32) T cs[2][BN][kBK];
   __shared__ __align__(32) A acc_s[kBM][BN + 4];  // +4: fewer bank conflicts in the row-wise epilogue
 
   const int tid = threadIdx.x;
@@ -122,6 +158,41 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
   const int er = tid >> 1, eh = tid & 1;
   A v1 = Cvt<A>::inf(), v2 = Cvt<A>::inf();
   int i1 = kIntMax, i2 = kIntMax;
+
+  // vec16 (set by the launcher): x, cb, ldx, ldc and D are multiples of 16 bytes, so a 16-byte chunk lies wholly
+  // inside or wholly past the valid features
+  const bool async = kHasCpAsync && vec16 != 0;
+  // the feature slice [d0, d0 + kBK) of this block's rows and of codes [kb, kb + BN) into buffer `buf`
+  auto stage = [&](int64_t kb, int64_t d0, int buf) {
+    if (async) {
+      for (int e = tid; e < kBM * kBK / kVec; e += kThreads) {
+        const int r = e / (kBK / kVec), kk = (e % (kBK / kVec)) * kVec;
+        const int64_t row = row0 + r, d = d0 + kk;
+        const bool in = row < N && d < D;
+        cp_async16(&xs[buf][r][kk], in ? x + row * ldx + d : x, in ? 16 : 0);
+      }
+      for (int e = tid; e < BN * kBK / kVec; e += kThreads) {
+        const int c = e / (kBK / kVec), kk = (e % (kBK / kVec)) * kVec;
+        const int64_t code = kb + c, d = d0 + kk;
+        const bool in = code < k_hi && d < D;
+        cp_async16(&cs[buf][c][kk], in ? cb + code * ldc + d : cb, in ? 16 : 0);
+      }
+      return;
+    }
+    for (int e = tid; e < kBM * kBK; e += kThreads) {
+      const int r = e / kBK, kk = e % kBK;
+      const int64_t row = row0 + r, d = d0 + kk;
+      xs[buf][r][kk] = (row < N && d < D) ? x[row * ldx + d] : zero_of<T>();
+    }
+    for (int e = tid; e < BN * kBK; e += kThreads) {
+      const int c = e / kBK, kk = e % kBK;
+      const int64_t code = kb + c, d = d0 + kk;
+      cs[buf][c][kk] = (code < k_hi && d < D) ? cb[code * ldc + d] : zero_of<T>();
+    }
+  };
+  int buf = 0;
+  if (k_lo < k_hi) stage(k_lo, 0, 0);
+  cp_async_commit();
 
   for (int64_t kb = k_lo; kb < k_hi; kb += BN) {
     // FMA path: thread owns an 8 x (BN / 16) register tile of the block
@@ -142,26 +213,26 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
     }
 
     for (int64_t d0 = 0; d0 < D; d0 += kBK) {
-      for (int e = tid; e < kBM * kBK; e += kThreads) {
-        const int r = e / kBK, kk = e % kBK;
-        const int64_t row = row0 + r, d = d0 + kk;
-        xs[r][kk] = (row < N && d < D) ? x[row * ldx + d] : zero_of<T>();
+      // the next step's tiles (next feature slice, or the next code block's first) go into the other buffer,
+      // which every thread finished reading at the end of the previous step
+      int64_t next_d0 = d0 + kBK, next_kb = kb;
+      if (next_d0 >= D) {
+        next_d0 = 0;
+        next_kb = kb + BN;
       }
-      for (int e = tid; e < BN * kBK; e += kThreads) {
-        const int c = e / kBK, kk = e % kBK;
-        const int64_t code = kb + c, d = d0 + kk;
-        cs[c][kk] = (code < k_hi && d < D) ? cb[code * ldc + d] : zero_of<T>();
-      }
+      if (next_kb < k_hi) stage(next_kb, next_d0, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();  // this step's group has landed (the one just committed may still be in flight)
       __syncthreads();
       if constexpr (kWmma) {
         const int warp = tid / 32;
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> afrag;
-        wmma::load_matrix_sync(afrag, &xs[warp * 16][0], kBK);
+        wmma::load_matrix_sync(afrag, &xs[buf][warp * 16][0], kBK);
 #pragma unroll
         for (int j = 0; j < kFrags; ++j) {
           // B[k][n] = code n's feature k: the code tile read column-major
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bfrag;
-          wmma::load_matrix_sync(bfrag, &cs[j * 16][0], kBK);
+          wmma::load_matrix_sync(bfrag, &cs[buf][j * 16][0], kBK);
           wmma::mma_sync(cfrag[j], afrag, bfrag, cfrag[j]);
         }
       } else {
@@ -169,9 +240,9 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
         for (int kk = 0; kk < kBK; ++kk) {
           A a[8], b[kCols];
 #pragma unroll
-          for (int i = 0; i < 8; ++i) a[i] = Cvt<A>::of(xs[rg * 8 + i][kk]);
+          for (int i = 0; i < 8; ++i) a[i] = Cvt<A>::of(xs[buf][rg * 8 + i][kk]);
 #pragma unroll
-          for (int j = 0; j < kCols; ++j) b[j] = Cvt<A>::of(cs[cg * kCols + j][kk]);
+          for (int j = 0; j < kCols; ++j) b[j] = Cvt<A>::of(cs[buf][cg * kCols + j][kk]);
 #pragma unroll
           for (int i = 0; i < 8; ++i)
 #pragma unroll
@@ -179,6 +250,7 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
         }
       }
       __syncthreads();
+      buf ^= 1;
     }
     if constexpr (kWmma) {
       const int warp = tid / 32;
@@ -206,6 +278,7 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
     }
     __syncthreads();  // acc_s is rewritten by the next block
   }
+  cp_async_wait<0>();  // nothing may be in flight when the block exits (D = 0 leaves the prologue's group)
   // merge the two halves of each row (threads t and t ^ 1 share a warp)
   const A ov1 = __shfl_xor_sync(0xffffffffu, v1, 1), ov2 = __shfl_xor_sync(0xffffffffu, v2, 1);
   const int oi1 = __shfl_xor_sync(0xffffffffu, i1, 1), oi2 = __shfl_xor_sync(0xffffffffu, i2, 1);
@@ -339,9 +412,12 @@ int launch_search(const void* x, const void* cb, const void* w, const void* o, i
                   int64_t ldx, int64_t ldc, int splits, int64_t cps, int top, void* pv, int32_t* pi,
                   cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((N + kBM - 1) / kBM), static_cast<unsigned>(splits));
+  constexpr int64_t es = static_cast<int64_t>(sizeof(T));
+  const bool vec16 = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(cb) % 16 == 0 &&
+                     (ldx * es) % 16 == 0 && (ldc * es) % 16 == 0 && (D * es) % 16 == 0;
   search_kernel<T, A, BN><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(cb), static_cast<const A*>(w), static_cast<const A*>(o), N,
-      K, D, ldx, ldc, cps, top, static_cast<A*>(pv), pi);
+      K, D, ldx, ldc, cps, top, vec16 ? 1 : 0, static_cast<A*>(pv), pi);
   return static_cast<int>(cudaGetLastError());
 }
 
