@@ -50,6 +50,12 @@ def test_bench_quick_json(tmp_path):
             assert r["speedup_vs_best_search"] == pytest.approx(best)
             if r["kind"] == "backend":
                 assert r["verdict"] == "PASS", r
+    fastest = {(tuple(f["shape"]), f["dtype"], f["metric"]): f for f in result["fastest_backend"]}
+    assert set(fastest) == (cases if len(backends) > 1 else set())
+    for case, f in fastest.items():
+        times = {r["name"]: r["median_ms"] for r in rows
+                 if (tuple(r["shape"]), r["dtype"], r["metric"]) == case and r["kind"] == "backend"}
+        assert f["median_ms"] == times and f["fastest"] == min(times, key=times.get)
 
 
 def test_roofline_of_known_gpus_matches_the_derived_bounds():

@@ -652,14 +652,26 @@ def plot_speedups(rows: list[Row], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def fastest_backends(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per case with two or more passing backends: the fastest one and every backend's median (ms). On a GPU this
+    is the triton / cuda crossover that ``backend="auto"`` should follow."""
+    cases: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.kind == "backend" and r.median_ms is not None and not r.failed:
+            cases.setdefault((r.N, r.K, r.D, r.dtype, r.metric), {})[r.name] = r.median_ms
+    return [{"shape": [n, k, d], "dtype": dt, "metric": m, "fastest": min(t, key=t.get), "median_ms": t}
+            for (n, k, d, dt, m), t in cases.items() if len(t) > 1]
+
+
 def write_json(path: Path, machine: dict[str, Any], config: dict[str, Any], rows: list[Row]) -> None:
-    """``{"machine": ..., "config": ..., "rows": [...]}``, every number as measured (times in ms)."""
+    """``{"machine", "config", "rows", "fastest_backend"}``, every number as measured (times in ms)."""
     rows_json = []
     for r in rows:
         d = asdict(r)
         d["shape"] = [r.N, r.K, r.D]
         rows_json.append(d)
-    path.write_text(json.dumps({"machine": machine, "config": config, "rows": rows_json}, indent=2) + "\n")
+    result = {"machine": machine, "config": config, "rows": rows_json, "fastest_backend": fastest_backends(rows)}
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -759,6 +771,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += run_case(shape, dtype_name, metric, args.device, args.backend, args.min_time,
                          not args.no_check, peaks)
     print_table(rows, header_line(machine, args.min_time))
+    for case in fastest_backends(rows):
+        times = ", ".join(f"{b} {_ms(t)} ms" for b, t in case["median_ms"].items())
+        print(f"fastest backend at {','.join(map(str, case['shape']))} {case['dtype']} {case['metric']}: "
+              f"{case['fastest']} ({times})")
     if args.json is not None:
         config = {"shapes": [list(s) for s in args.shapes], "dtypes": args.dtype, "metrics": args.metric,
                   "backends": args.backend, "min_time": args.min_time, "check": not args.no_check,
