@@ -14,6 +14,8 @@ import vqkernels as vq
 from vqkernels import bench, roofline
 from vqkernels.ops import METRICS
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_bench_quick_json(tmp_path):
     out = tmp_path / "b.json"
@@ -50,6 +52,9 @@ def test_bench_quick_json(tmp_path):
             assert r["speedup_vs_best_search"] == pytest.approx(best)
             if r["kind"] == "backend":
                 assert r["verdict"] == "PASS", r
+    tables = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "ops", str(out)],
+                            capture_output=True, text=True, check=True).stdout  # the README's generator
+    assert tables.count("| PASS |") == len(cases) and "| 4096, 1024, 64 | bf16 | " in tables
     fastest = {(tuple(f["shape"]), f["dtype"], f["metric"]): f for f in result["fastest_backend"]}
     assert set(fastest) == (cases if len(backends) > 1 else set())
     for case, f in fastest.items():
@@ -109,10 +114,9 @@ def test_bench_skips_nxk_baselines_over_the_memory_limit(tmp_path, monkeypatch):
 
 
 def _run_suites(*extra, env=None):
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", str(root / "benchmarks"), "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "-q", "-p", "no:cacheprovider",
            "--vqk-shape", "300,70,8", "--vqk-dtype", "fp32,bf16", *extra]
-    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_benchmark_suites_run_and_check():

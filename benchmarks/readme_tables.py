@@ -1,0 +1,85 @@
+"""Markdown tables for the README from the JSON that ``vqkernels.bench`` / ``vqkernels.bench_layer`` wrote, so
+that no number in the README is typed by hand.
+
+    python benchmarks/readme_tables.py ops benchmarks/results/cpu-amd-epyc-2core-ops.json [--backend cpu]
+    python benchmarks/readme_tables.py layer benchmarks/results/cpu-amd-epyc-2core-layer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.4g} ms" if v < 1000 else f"{v:.0f} ms"
+
+
+def _x(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}×"
+
+
+def _mib(v: float | None) -> str:
+    return "—" if v is None else f"{v:.0f} MiB"
+
+
+def ops_tables(result: dict, backend: str) -> str:
+    """One table for l2 (every baseline) and one for every metric (the op against the fastest unfused search)."""
+    rows = result["rows"]
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        cases.setdefault((tuple(r["shape"]), r["dtype"], r["metric"]), {})[r["name"]] = r
+    out = [f"| N, K, D | dtype | `{backend}` op | % of roofline | `x @ C.T` alone | GEMM + argmin | naive reference "
+           "| vector-quantize-pytorch | op / GEMM | peak extra memory (op / naive) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for (shape, dtype, metric), by in cases.items():
+        if metric != "l2" or backend not in by:
+            continue
+        op = by[backend]
+        t = {name: by.get(name, {}).get("median_ms") for name in ("gemm", "gemm_argmin", "naive", "vqp_layer")}
+        out.append(f"| {', '.join(map(str, shape))} | {dtype} | {_ms(op['median_ms'])} | "
+                   f"{op['pct_of_bound']:.0f} % | {_ms(t['gemm'])} | {_ms(t['gemm_argmin'])} | "
+                   f"{_ms(t['naive'])} | {_ms(t['vqp_layer'])} | {_x(op['x_gemm_time'])} | "
+                   f"{_mib(op['peak_extra_mib'])} / {_mib(by.get('naive', {}).get('peak_extra_mib'))} |")
+    out += ["", f"| N, K, D | dtype | metric | `{backend}` op | fastest unfused search | op is faster by | check |",
+            "|---|---|---|---|---|---|---|"]
+    for (shape, dtype, metric), by in cases.items():
+        if backend not in by:
+            continue
+        op = by[backend]
+        searches = {n: by[n]["median_ms"] for n in ("naive", "gemm_argmin", "cdist_chunked", "vqp_layer")
+                    if n in by and by[n]["median_ms"] is not None}
+        best = min(searches, key=searches.get) if searches else None
+        out.append(f"| {', '.join(map(str, shape))} | {dtype} | {metric} | {_ms(op['median_ms'])} | "
+                   f"{best} {_ms(searches.get(best))} | {_x(op['speedup_vs_best_search'], 1)} | {op['verdict']} |")
+    return "\n".join(out)
+
+
+def layer_table(result: dict) -> str:
+    rows = result["rows"]
+    base = next(r for r in rows if r["name"] == "vqkernels")
+    n, k, d = base["N"], base["K"], base["D"]
+    out = [f"| layer step, N={n}, K={k}, D={d}, fp32 | median | vqkernels is | check |", "|---|---|---|---|"]
+    for r in rows:
+        rel = r.get("x_vqkernels_time")
+        what = "—" if r["name"] == "vqkernels" else (f"{rel:.2g}× faster" if rel and rel >= 1
+                                                     else _x(rel) + " its time")
+        out.append(f"| {r['name']} | {_ms(r['median_ms'])} | {what} | {r['verdict']} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=("ops", "layer"))
+    p.add_argument("json", type=Path)
+    p.add_argument("--backend", default="cpu", help="the backend row of the ops tables (default cpu)")
+    args = p.parse_args()
+    result = json.loads(args.json.read_text())
+    print(ops_tables(result, args.backend) if args.kind == "ops" else layer_table(result))
+
+
+if __name__ == "__main__":
+    main()
