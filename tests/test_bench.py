@@ -44,6 +44,7 @@ def test_bench_quick_json(tmp_path):
         assert len(bounds) == 1 and bounds.pop() > 0  # one roofline per case
         for r in case_rows:
             assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+            assert r["stamp"]["device_name"] == machine["device_name"] and r["stamp"]["date"] == machine["date"]
             assert r["gflops"] > 0 and r["speedup_vs_naive"] > 0 and r["x_gemm_time"] > 0
             assert r["pct_of_bound"] == pytest.approx(100 * r["bound_ms"] / r["median_ms"])
             assert set(r["speedups"]) == expected - backends

@@ -664,11 +664,16 @@ def fastest_backends(rows: list[Row]) -> list[dict[str, Any]]:
 
 
 def write_json(path: Path, machine: dict[str, Any], config: dict[str, Any], rows: list[Row]) -> None:
-    """``{"machine", "config", "rows", "fastest_backend"}``, every number as measured (times in ms)."""
+    """``{"machine", "config", "rows", "fastest_backend"}``, every number as measured (times in ms); each row
+    stamped with device name, versions, commit and date."""
+    # every row carries its stamp, so that rows merged from several runs keep where and when they were measured
+    stamp = {k: machine.get(k) for k in ("device_name", "vqkernels", "torch", "torch_cuda", "triton", "git_commit",
+                                        "date")}
     rows_json = []
     for r in rows:
         d = asdict(r)
         d["shape"] = [r.N, r.K, r.D]
+        d["stamp"] = stamp
         rows_json.append(d)
     result = {"machine": machine, "config": config, "rows": rows_json, "fastest_backend": fastest_backends(rows)}
     path.write_text(json.dumps(result, indent=2) + "\n")
