@@ -8,6 +8,7 @@ MAX_JOBS    ?= 2
 # Optional baselines of the layer benchmark; a failed install only drops their rows.
 BENCH_DEPS  ?= vector-quantize-pytorch
 BENCH_OUT   ?= build/bench
+DEMO_OUT    ?= build/demo
 
 ifeq ($(origin PYTHON), undefined)
 PYTHON      := $(VENV)/bin/python
@@ -25,7 +26,7 @@ NVCC        ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_ARCHS  ?= 80 90
 CU_SOURCES  := $(wildcard csrc/cuda/*.cu)
 
-.PHONY: all build test bench info lint clean cuda-check
+.PHONY: all build test bench demo info lint clean cuda-check
 
 all: test
 
@@ -66,6 +67,10 @@ bench: build $(BENCH_STAMP)
 	mkdir -p $(BENCH_OUT)
 	$(PYTHON) -m vqkernels.bench --json $(BENCH_OUT)/ops.json
 	$(PYTHON) -m vqkernels.bench_layer --json $(BENCH_OUT)/layer.json
+
+demo: build
+	mkdir -p $(DEMO_OUT)
+	$(PYTHON) -m vqkernels.demo --json $(DEMO_OUT)/demo.json --plot $(DEMO_OUT)/demo.png
 
 info: build
 	$(PYTHON) -m vqkernels.info
