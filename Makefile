@@ -26,7 +26,7 @@ NVCC        ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_ARCHS  ?= 80 90
 CU_SOURCES  := $(wildcard csrc/cuda/*.cu)
 
-.PHONY: all build test bench demo info lint clean cuda-check
+.PHONY: all build test bench bench-suite demo info lint clean cuda-check
 
 all: test
 
@@ -67,6 +67,10 @@ bench: build $(BENCH_STAMP)
 	mkdir -p $(BENCH_OUT)
 	$(PYTHON) -m vqkernels.bench --json $(BENCH_OUT)/ops.json
 	$(PYTHON) -m vqkernels.bench_layer --json $(BENCH_OUT)/layer.json
+
+# The same cases as pytest-benchmark suites (one group per shape, dtype and metric).
+bench-suite: build $(BENCH_STAMP)
+	$(PYTHON) -m pytest benchmarks --benchmark-only
 
 demo: build
 	mkdir -p $(DEMO_OUT)

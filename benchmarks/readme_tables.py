@@ -3,6 +3,7 @@ that no number in the README is typed by hand.
 
     python benchmarks/readme_tables.py ops benchmarks/results/cpu-amd-epyc-2core-ops.json [--backend cpu]
     python benchmarks/readme_tables.py layer benchmarks/results/cpu-amd-epyc-2core-layer.json
+    python benchmarks/readme_tables.py demo benchmarks/results/demo-cpu.json
 """
 
 from __future__ import annotations
@@ -71,14 +72,28 @@ def layer_table(result: dict) -> str:
     return "\n".join(out)
 
 
+def demo_table(result: dict) -> str:
+    """Test usage, perplexity and MSE per (data set, method) of ``python -m vqkernels.demo``."""
+    k = result["config"]["num_codes"]
+    out = ["| data set | method | test usage | codes used | test perplexity | test MSE | train time |",
+           "|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        t = r["test"]
+        out.append(f"| {r['dataset']} | `{r['method']}` | {100 * t['usage']:.1f}% | {t['used_codes']}/{k} | "
+                   f"{t['perplexity']:.1f} | {t['mse']:.4f} | {r['train_time_s']:.0f} s |")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("ops", "layer"))
+    p.add_argument("kind", choices=("ops", "layer", "demo"))
     p.add_argument("json", type=Path)
     p.add_argument("--backend", default="cpu", help="the backend row of the ops tables (default cpu)")
     args = p.parse_args()
     result = json.loads(args.json.read_text())
-    print(ops_tables(result, args.backend) if args.kind == "ops" else layer_table(result))
+    tables = {"ops": lambda: ops_tables(result, args.backend), "layer": lambda: layer_table(result),
+              "demo": lambda: demo_table(result)}
+    print(tables[args.kind]())
 
 
 if __name__ == "__main__":

@@ -37,8 +37,7 @@ def test_bench_quick_json(tmp_path):
         case_rows = [r for r in rows if (tuple(r["shape"]), r["dtype"], r["metric"]) == case]
         metric = case[2]
         expected = backends | {"naive", "gemm", "gemm_out", "gemm_argmin"}
-        expected |= {"cdist_chunked"} if metric == "l2" else set()
-        expected |= {"vqp_layer"} if vqp and metric in ("l2", "cosine") else set()
+        expected |= ({"cdist_chunked"} | ({"vqp_layer"} if vqp else set())) if metric == "l2" else set()
         assert {r["name"] for r in case_rows} == expected
         bounds = {r["bound_ms"] for r in case_rows}
         assert len(bounds) == 1 and bounds.pop() > 0  # one roofline per case
@@ -93,7 +92,14 @@ def test_bench_presets_and_plot(tmp_path):
     args = bench.parse_args(["--preset", "gpu", "--device", "cpu"])
     assert args.shapes == list(bench.PRESETS["gpu"]) and len(args.shapes) == 9
     assert bench.parse_args(["--device", "cpu"]).shapes == list(bench.PRESETS["cpu-default"])
-    assert bench.parse_args([]).metric == list(METRICS) and bench.parse_args(["--metric", "dot"]).metric == ["dot"]
+    default = bench.parse_args(["--device", "cpu"])
+    assert default.metric == list(METRICS) and bench.parse_args(["--metric", "dot"]).metric == ["dot"]
+    # cpu-default: every metric on the small shape, l2 only on the large ones (a few minutes on 2 cores)
+    assert sorted(default.cases) == sorted([((4096, 1024, 64), dt, m) for dt in ("fp32", "bf16") for m in METRICS]
+                                           + [(s, dt, "l2") for s in bench.PRESET_L2_ONLY["cpu-default"]
+                                              for dt in ("fp32", "bf16")])
+    assert len(bench.parse_args(["--device", "cpu", "--metric", "l2,dot"]).cases) == 3 * 2 * 2  # asked: all shapes
+    assert len(bench.parse_args(["--preset", "gpu", "--dtype", "bf16"]).cases) == 9 * 3
     with pytest.raises(SystemExit):
         bench.parse_args(["--metric", "l3"])
     assert bench.parse_args(["--preset", "gpu", "--shape", "10,20,30"]).shapes == [(10, 20, 30)]
@@ -126,9 +132,10 @@ def test_benchmark_suites_run_and_check():
     out = _run_suites("--benchmark-disable")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     backends = len(set(cpu_backends()) - {"triton"})
-    # ops: per dtype, l2 runs 6 baselines, cosine 5 (no cdist), dot 4 (no cdist, no vqp); plus the backends
+    # ops: per dtype and metric 4 baselines (naive, gemm, gemm_out, gemm_argmin) plus the backends; l2 also cdist
+    # and vector-quantize-pytorch
     vqp = bench.vqp_missing() is None
-    ops = 2 * (3 * (4 + backends) + 1 + (2 if vqp else 0))
+    ops = 2 * (3 * (4 + backends) + 1 + vqp)
     layer = 3 + vqp
     assert f"{ops + layer} passed" in out.stdout, out.stdout[-2000:]
 

@@ -186,3 +186,20 @@ def test_defaults_and_narrowing():
     args = demo.parse_args(["--quick", "--methods", "cvq-random, plain", "--datasets", "patches"])
     assert args.steps == QUICK_STEPS and args.methods == ["plain", "cvq-random"] and args.datasets == ["patches"]
     assert demo.parse_args(["--quick", "--steps", "5"]).steps == 5
+
+
+def test_readme_table_is_generated_from_the_json(quick, tmp_path):
+    """The README's demo table comes from ``benchmarks/readme_tables.py demo``: one line per run, numbers from it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, payload, _ = quick
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(payload))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "readme_tables.py"
+    table = subprocess.run([sys.executable, str(script), "demo", str(path)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert len(table) == 2 + len(payload["runs"])
+    first = payload["runs"][0]
+    assert table[2].startswith(f"| {first['dataset']} | `{first['method']}` | {100 * first['test']['usage']:.1f}% |")

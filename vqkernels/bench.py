@@ -11,8 +11,9 @@ For every shape ``(N, K, D)`` and dtype it times, in one run and on the same inp
   ``gemm_out`` is the pure GEMM;
 - ``gemm_argmin``: one GEMM into the argmin key, then argmin (the best unfused search);
 - ``cdist_chunked``: vqtorch's search, ``torch.cdist`` over 1024-row chunks + ``topk`` (l2);
-- ``vqp_layer``: vector-quantize-pytorch's ``VectorQuantize`` forward in eval mode on the same codebook (l2 and
-  cosine; when the package is installed).
+- ``vqp_layer``: vector-quantize-pytorch's ``VectorQuantize`` forward in eval mode on the same codebook (l2,
+  when the package is installed; at seconds per call on the CPU it is left out of the other metrics, whose search
+  it runs the same way).
 
 Each row reports median and 20%/80% quantiles of the per-call time, GFLOP/s (``2NKD / t``), distances/s
 (``NK / t``), the percentage of the device roofline (the lower bound of :mod:`vqkernels.roofline` over ``t``;
@@ -75,6 +76,11 @@ PRESETS: dict[str, tuple[tuple[int, int, int], ...]] = {
         (1048576, 4096, 1024),  # wide features: GEMM-bound, compare to cuBLAS
         (100003, 1000, 100),  # odd sizes everywhere
     ),
+}
+# Shapes a preset runs with l2 only unless --metric says otherwise: cosine and dot take the same kernels with another
+# epilogue, and timing them at every large shape would take the CPU default past a few minutes.
+PRESET_L2_ONLY: dict[str, frozenset[tuple[int, int, int]]] = {
+    "cpu-default": frozenset({(65536, 4096, 64), (16384, 16384, 256)}),
 }
 DEFAULT_MIN_TIME = 1.0  # seconds of timed runs per measurement
 QUICK_MIN_TIME = 0.1
@@ -227,7 +233,7 @@ def make_callables(x: Tensor, codebook: Tensor, metric: str,
     }
     if metric == "l2":
         fns["cdist_chunked"] = lambda: cdist_chunked_codes(x, codebook)
-    if metric in ("l2", "cosine") and vqp_missing() is None:
+    if metric == "l2" and vqp_missing() is None:
         fns["vqp_layer"] = vqp_layer
     for b in backends:
         fns[b] = functools.partial(quantize, x, codebook, metric=metric, backend=b)
@@ -714,8 +720,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         + " ".join(",".join(map(str, s)) for s in DEFAULT_SHAPES) + ")")
     p.add_argument("--dtype", type=_names(tuple(DTYPES)), default=["fp32", "bf16"],
                    help=f"comma list of {','.join(DTYPES)} (default fp32,bf16)")
-    p.add_argument("--metric", type=_names(METRICS), default=list(METRICS),
-                   help=f"comma list of {','.join(METRICS)} (default: all)")
+    p.add_argument("--metric", type=_names(METRICS), default=None,
+                   help=f"comma list of {','.join(METRICS)} (default: all; the large shapes of the cpu-default "
+                        "preset run l2 only)")
     p.add_argument("--backend", type=_names(tuple(BACKENDS)), default=None,
                    help="comma list (default: every backend available on the device)")
     p.add_argument("--device", choices=("cpu", "cuda"),
@@ -746,6 +753,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--backend {name}: {why}")
     preset = "quick" if args.quick else (args.preset or ("gpu" if args.device == "cuda" else "cpu-default"))
     args.shapes = args.shape or list(PRESETS[preset])
+    l2_only = PRESET_L2_ONLY.get(preset, frozenset()) if args.shape is None and args.metric is None else frozenset()
+    args.metric = args.metric or list(METRICS)
+    args.cases = [(s, dt, m) for s in args.shapes for dt in args.dtype for m in args.metric
+                  if m == "l2" or s not in l2_only]
     if args.min_time is None:
         args.min_time = QUICK_MIN_TIME if args.quick else DEFAULT_MIN_TIME
     return args
@@ -767,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"roofline peaks for {args.device} ...", file=sys.stderr, flush=True)
     peaks = roofline.peaks(args.device, tuple(args.dtype))
     machine["roofline"] = peaks.as_json()
-    cases = [(s, dt, m) for s in args.shapes for dt in args.dtype for m in args.metric]
+    cases = args.cases
     rows: list[Row] = []
     bar = _progress(cases, desc="bench")
     for shape, dtype_name, metric in bar:
@@ -782,6 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{case['fastest']} ({times})")
     if args.json is not None:
         config = {"shapes": [list(s) for s in args.shapes], "dtypes": args.dtype, "metrics": args.metric,
+                  "cases": [[list(s), dt, m] for s, dt, m in cases],
                   "backends": args.backend, "min_time": args.min_time, "check": not args.no_check,
                   "check_rows": CHECK_ROWS}
         write_json(args.json, machine, config, rows)
