@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..bench import _names as bench_names
 from ..bench import machine_info
 from ..dispatch import BACKENDS, select
 from . import __doc__ as DOC
@@ -17,15 +18,9 @@ from .train import DEFAULT_STEPS, METHODS, QUICK_STEPS, Config, RunResult, run
 
 
 def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    """argparse type: a non-empty comma list of ``choices``, returned in the order of ``choices``."""
-    def parse(text: str) -> list[str]:
-        names = [v.strip() for v in text.split(",") if v.strip()]
-        bad = [v for v in names if v not in choices]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(choices)}; got {text!r}")
-        return [c for c in choices if c in names]
-
-    return parse
+    """argparse type: the benchmark's comma list of ``choices``, returned in the order of ``choices``."""
+    parse_any_order = bench_names(choices)
+    return lambda text: [c for c in choices if c in parse_any_order(text)]
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
