@@ -10,13 +10,6 @@ import pytest
 from suite import timed, vqk_shapes
 
 from vqkernels import bench
-from vqkernels.dispatch import BACKENDS
-
-
-def _backends(device: str) -> list[str]:
-    return [n for n, b in BACKENDS.items()
-            if device in b.devices and b.available() and b.device_why_not(device) is None
-            and not (n == "triton" and device == "cpu")]  # the interpreter is not timed
 
 
 def pytest_generate_tests(metafunc):
@@ -26,7 +19,7 @@ def pytest_generate_tests(metafunc):
     device = cfg.getoption("--vqk-device")
     cases = [(s, dt, m) for s in vqk_shapes(cfg) for dt in cfg.getoption("--vqk-dtype")
              for m in cfg.getoption("--vqk-metric")]
-    names = [*bench.BASELINES, *_backends(device)]
+    names = [*bench.BASELINES, *bench.default_backends(device)]
     metafunc.parametrize("case", cases, ids=[f"{n}x{k}x{d}-{dt}-{m}" for (n, k, d), dt, m in cases])
     metafunc.parametrize("name", names)
 

@@ -711,6 +711,17 @@ def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def runnable_backends(device: str) -> list[str]:
+    """The backends that can run on ``device`` ("cpu" or "cuda") in this process."""
+    return [n for n, b in BACKENDS.items()
+            if device in b.devices and b.available() and b.device_why_not(device) is None]
+
+
+def default_backends(device: str) -> list[str]:
+    """The backends timed unless asked otherwise: timing triton's interpreter says nothing about its kernels."""
+    return [n for n in runnable_backends(device) if not (n == "triton" and device == "cpu")]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and resolve the options (default backends, shapes and min-time filled in)."""
     p = argparse.ArgumentParser(prog="python -m vqkernels.bench", description=__doc__,
@@ -742,11 +753,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(None if argv is None else [str(a) for a in argv])
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    runnable = [n for n, b in BACKENDS.items()
-                if args.device in b.devices and b.available() and b.device_why_not(args.device) is None]
+    runnable = runnable_backends(args.device)
     if args.backend is None:
-        # timing triton's interpreter says nothing about the kernels: it runs only when asked for
-        args.backend = [n for n in runnable if not (n == "triton" and args.device == "cpu")]
+        args.backend = default_backends(args.device)
     for name in args.backend:
         if name not in runnable:
             why = BACKENDS[name].why_not() or f"it does not run on {args.device}"
