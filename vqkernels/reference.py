@@ -30,21 +30,42 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains non-finite values (NaN or Inf)")
 
 
-def key_terms(codebook: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-code terms of the argmin key ``w * (x . c) + o`` and the fp64 code norms.
+def sum_squares(codebook: torch.Tensor) -> torch.Tensor:
+    """``s_k = sum_d c_kd^2`` in fp64 from the values as stored (``[K]``), in chunks: never an fp64 copy of the
+    whole codebook."""
+    k, d = codebook.shape
+    sq = torch.empty(k, dtype=torch.float64, device=codebook.device)
+    step = max(1, CHUNK_ELEMS // max(d, 1))
+    for k0 in range(0, k, step):
+        c = codebook[k0:k0 + step].to(torch.float64)
+        sq[k0:k0 + step] = (c * c).sum(1)
+    return sq
+
+
+def key_terms(codebook: torch.Tensor, metric: str,
+              sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-code terms of the argmin key ``w * (x . c) + o`` and the fp64 code norms: the one definition every
+    backend follows.
+
+    ``s_k = sum_d c_kd^2`` in fp64 (:func:`sum_squares`, or ``sq`` when a kernel computed it), ``cnorm_k =
+    sqrt(s_k)``, and, rounded once to the accumulation dtype: l2 ``(w, o) = (-2, s_k)``, cosine
+    ``(-1 / max(cnorm_k, eps), 0)``, dot ``(-1, 0)``. ``o`` is the sum of squares, not a rounded norm squared, so
+    equidistant codes of exactly representable data (integers, say) get equal keys and the tie goes to the lower
+    index.
 
     Returns ``(w [K], o [K], cnorm64 [K])`` with w, o in the accumulation dtype.
     """
-    acc = acc_dtype(codebook.dtype)
-    cnorm = codebook.to(torch.float64).norm(dim=1)
-    if metric == "l2":
-        w, o = torch.full_like(cnorm, -2.0), cnorm * cnorm
-    elif metric == "cosine":
-        w, o = -1.0 / cnorm.clamp_min(COS_EPS), torch.zeros_like(cnorm)
-    elif metric == "dot":
-        w, o = torch.full_like(cnorm, -1.0), torch.zeros_like(cnorm)
-    else:
+    if metric not in ("l2", "cosine", "dot"):
         raise ValueError(f"metric must be one of 'l2', 'cosine', 'dot'; got {metric!r}")
+    acc = acc_dtype(codebook.dtype)
+    sq = sum_squares(codebook) if sq is None else sq
+    cnorm = sq.sqrt()
+    if metric == "l2":
+        w, o = torch.full_like(sq, -2.0), sq
+    elif metric == "cosine":
+        w, o = -1.0 / cnorm.clamp_min(COS_EPS), torch.zeros_like(sq)
+    else:
+        w, o = torch.full_like(sq, -1.0), torch.zeros_like(sq)
     return w.to(acc), o.to(acc), cnorm
 
 
@@ -101,7 +122,10 @@ def search(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", exact: b
     u = unit_roundoff(acc)
     for r0 in range(0, N, rows):
         xc = x[r0:r0 + rows]
-        xnorm = xc.to(torch.float64).norm(dim=1)
+        x64 = xc.to(torch.float64)
+        xsq = (x64 * x64).sum(1)  # the row term of l2: a sum of squares, as the code terms
+        del x64
+        xnorm = xsq.sqrt()
         key = torch.addcmul(o, xc.to(acc) @ ca.T, w)  # w * dot + o, [rows, K]
         idx = key.argmin(1)
         best = key.gather(1, idx[:, None]).squeeze(1)
@@ -126,7 +150,7 @@ def search(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", exact: b
         else:
             codes[r0:r0 + rows] = idx
             if metric == "l2":
-                dist[r0:r0 + rows] = ((xnorm * xnorm).to(acc) + best).clamp_min(0)
+                dist[r0:r0 + rows] = (xsq.to(acc) + best).clamp_min(0)
             elif metric == "cosine":
                 dist[r0:r0 + rows] = 1.0 + best / xnorm.clamp_min(COS_EPS).to(acc)
             else:

@@ -311,8 +311,9 @@ double rescore(const scalar_t* xr, const scalar_t* cr, int64_t D, Metric metric,
   return 1.0 - s / (std::max(xnorm, kCosEps) * std::max(cnorm, kCosEps));
 }
 
+// sum_d v_d^2 in fp64 from the stored values (and whether every v_d is finite).
 template <typename scalar_t>
-double norm64(const scalar_t* v, int64_t D, bool* finite) {
+double sum_squares64(const scalar_t* v, int64_t D, bool* finite) {
   double s = 0.0;
   bool ok = true;
   for (int64_t j = 0; j < D; ++j) {
@@ -321,7 +322,7 @@ double norm64(const scalar_t* v, int64_t D, bool* finite) {
     s += a * a;
   }
   *finite = ok;
-  return std::sqrt(s);
+  return s;
 }
 
 struct Outputs {
@@ -347,11 +348,14 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
   at::parallel_for(0, K, 1024, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       bool fin;
-      const double n = norm64(cp + k * D, D, &fin);
+      // The key terms of vqkernels.reference.key_terms: o is the fp64 sum of squares rounded once (a rounded
+      // norm squared would break exact ties between equidistant codes).
+      const double sq = sum_squares64(cp + k * D, D, &fin);
+      const double n = std::sqrt(sq);
       if (!fin) cb_finite = false;
       cnorm[k] = n;
       switch (metric) {
-        case Metric::L2: w[k] = acc_t(-2); o[k] = static_cast<acc_t>(n * n); break;
+        case Metric::L2: w[k] = acc_t(-2); o[k] = static_cast<acc_t>(sq); break;
         case Metric::Cosine: w[k] = static_cast<acc_t>(-1.0 / std::max(n, kCosEps)); o[k] = acc_t(0); break;
         case Metric::Dot: w[k] = acc_t(-1); o[k] = acc_t(0); break;
       }
@@ -399,7 +403,7 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
     std::vector<int64_t> bidx(BM);
     std::vector<acc_t> topv(exact ? size_t(BM) * kTopT : 0);
     std::vector<int64_t> topi(exact ? size_t(BM) * kTopT : 0);
-    std::vector<double> xnorm(BM);
+    std::vector<double> xnorm(BM), xsq(BM);
     int64_t* my_hist = private_hist ? hist.data() + size_t(at::get_thread_num()) * K : nullptr;
 
     for (int64_t b = b0; b < b1; ++b) {
@@ -407,7 +411,8 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
       bool fin_all = true;
       for (int64_t r = 0; r < m; ++r) {
         bool fin;
-        xnorm[r] = norm64(xp + (r0 + r) * D, D, &fin);
+        xsq[r] = sum_squares64(xp + (r0 + r) * D, D, &fin);  // l2's row term: a sum of squares, as o
+        xnorm[r] = std::sqrt(xsq[r]);
         fin_all &= fin;
       }
       if (!fin_all) {
@@ -482,7 +487,7 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
           code = bidx[r];
           const acc_t key = best[r];
           switch (metric) {
-            case Metric::L2: d = std::max(static_cast<acc_t>(xnorm[r] * xnorm[r]) + key, acc_t(0)); break;
+            case Metric::L2: d = std::max(static_cast<acc_t>(xsq[r]) + key, acc_t(0)); break;
             case Metric::Cosine: d = acc_t(1) + key / static_cast<acc_t>(std::max(xnorm[r], kCosEps)); break;
             default: d = key; break;
           }
