@@ -26,7 +26,8 @@ NVCC        ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_ARCHS  ?= 80 90
 CU_SOURCES  := $(wildcard csrc/cuda/*.cu)
 
-.PHONY: all build test bench bench-suite demo info lint clean cuda-check
+.PHONY: all build test bench bench-suite demo info lint clean cuda-check gpu-compile-check gpu-compile-check-compat \
+	gpu-check
 
 all: test
 
@@ -46,7 +47,10 @@ $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
 
 build: $(BUILD_STAMP)
 
-# Compile every .cu file for each arch (objects only, warnings are errors): runs without a GPU or a CUDA torch.
+# Compile every .cu file for each arch (objects only, warnings are errors, ptxas spills are warnings too, and the
+# half-conversion macros a torch build defines): runs without a GPU or a CUDA torch.
+CUDA_CHECK_FLAGS ?= -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+  -D__CUDA_NO_HALF2_OPERATORS__ -Xptxas --warn-on-spills
 cuda-check:
 ifeq ($(NVCC),)
 	@echo "cuda-check: nvcc not found, skipped"
@@ -54,14 +58,44 @@ else
 	@mkdir -p build/cuda-check
 	@for arch in $(CUDA_ARCHS); do for f in $(CU_SOURCES); do \
 	  echo "nvcc sm_$$arch $$f"; \
-	  $(NVCC) -std=c++17 -O3 -arch=sm_$$arch -Werror all-warnings -Xcompiler -Wall,-Wextra \
+	  $(NVCC) -std=c++17 -O3 -arch=sm_$$arch -Werror all-warnings -Xcompiler -Wall,-Wextra $(CUDA_CHECK_FLAGS) \
 	    -c $$f -o build/cuda-check/$$(basename $$f .cu).sm_$$arch.o || exit 1; \
 	done; done
 endif
 
-test: build cuda-check
+# Compile every Triton variant the launchers request for sm_80 and sm_90 (no GPU: a stand-in driver, an empty
+# cache); fails on a compile error, shared memory over the limit, > 255 registers or a spill.
+GPU_COMPILE_OUT ?= build/gpu-compile
+gpu-compile-check: build
+	@mkdir -p $(GPU_COMPILE_OUT)
+	env -u TRITON_INTERPRET $(PYTHON) -m vqkernels.triton.gpu_compile --arch 80 90 \
+	  --json $(GPU_COMPILE_OUT)/triton-venv.json
+
+# The same against the triton of the lendable GPU machine, installed into a side folder (no second venv).
+TRITON_COMPAT     ?= 3.6.0
+TRITON_COMPAT_DIR ?= build/triton-$(TRITON_COMPAT)
+$(TRITON_COMPAT_DIR)/.stamp:
+	rm -rf $(TRITON_COMPAT_DIR)
+	$(PYTHON) -m pip install -q --no-deps --target $(TRITON_COMPAT_DIR) triton==$(TRITON_COMPAT)
+	touch $@
+
+gpu-compile-check-compat: build $(TRITON_COMPAT_DIR)/.stamp
+	@mkdir -p $(GPU_COMPILE_OUT)
+	env -u TRITON_INTERPRET PYTHONPATH=$(abspath $(TRITON_COMPAT_DIR)) $(PYTHON) -m vqkernels.triton.gpu_compile \
+	  --arch 80 90 --json $(GPU_COMPILE_OUT)/triton-$(TRITON_COMPAT).json
+
+test: build cuda-check gpu-compile-check
 	$(PYTHON) -m vqkernels.info
 	$(PYTHON) -m pytest tests -q
+
+# On a lent GPU machine (its own python3: torch with CUDA, triton, pytest): build for the local arch, the GPU test
+# matrix, the GPU benchmark; logs and JSON under OUT; stops at its own time limit (GPU_CHECK_BUDGET seconds).
+# Without a visible GPU it says so and exits non-zero.
+OUT              ?= build/gpu-check
+GPU_CHECK_BUDGET ?= 450
+GPU_PYTHON       := $(if $(filter undefined,$(origin PYTHON)),python3,$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT) --budget $(GPU_CHECK_BUDGET) --python $(GPU_PYTHON)
 
 bench: build $(BENCH_STAMP)
 	mkdir -p $(BENCH_OUT)
@@ -84,3 +118,51 @@ lint:
 
 clean:
 	rm -rf build *.egg-info vqkernels/_C*.so
+
+# ---- cuda-ext-check (issue 13) -------------------------------------------------------------------------------------
+# vqkernels._C WITH its CUDA ops, built against a CUDA build of torch, and checked without a GPU. A separate venv
+# ($(CUDA_VENV), torch pinned on every pip call) builds the extension out of tree: `setup.py build` writes a full
+# package copy to $(CUDA_EXT_BUILD)/lib, so the CPU build in vqkernels/_C*.so is untouched. Then
+# tests/cuda_ext/check_cuda_ext.py runs from $(CUDA_EXT_BUILD) (where the source vqkernels/ cannot shadow the
+# copy) with that copy first on PYTHONPATH. Rebuilds only when csrc/, setup.py or a vqkernels/*.py file changes.
+CUDA_VENV       ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_PY_DEPS    ?= numpy pytest ninja wheel setuptools
+CUDA_EXT_ARCHS  ?= 8.0;9.0
+CUDA_EXT_BUILD  ?= build/cuda-ext
+CUDA_EXT_JOBS   ?= $(MAX_JOBS)
+# CUDA_HOME from the environment, else the toolkit of the nvcc on PATH: dirname(dirname(nvcc)) when it holds
+# include/cuda_runtime.h, else the TOP that nvcc itself reports (nvcc may be a wrapper script in /usr/local/bin).
+CUDA_EXT_HOME   ?= $(or $(CUDA_HOME),$(shell n=$$(command -v nvcc) || exit 0; d=$$(dirname "$$(dirname "$$n")"); \
+  if [ -e "$$d/include/cuda_runtime.h" ]; then echo "$$d"; else \
+  t=$$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/.*TOP=//p' | head -n 1); \
+  [ -n "$$t" ] && (cd "$$t" && pwd -P); fi))
+CUDA_EXT_PY     = $(shell find vqkernels -name '*.py')
+CUDA_EXT_STAMP  := $(CUDA_EXT_BUILD)/.built-stamp
+
+.PHONY: cuda-ext-check cuda-ext-build
+
+$(CUDA_VENV)/.cuda-deps-stamp:
+	python3 -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH_SPEC) $(CUDA_PY_DEPS)
+	$(CUDA_VENV)/bin/python -c "import torch; assert torch.version.cuda, torch.__version__; print('cuda venv: torch', torch.__version__, 'CUDA', torch.version.cuda)"
+	touch $@
+
+$(CUDA_EXT_STAMP): $(CUDA_VENV)/.cuda-deps-stamp $(SOURCES) $(CUDA_EXT_PY)
+	@test -n "$(CUDA_EXT_HOME)" || { echo "cuda-ext-check: no CUDA toolkit (set CUDA_HOME or put nvcc on PATH)"; exit 1; }
+	mkdir -p $(CUDA_EXT_BUILD)
+	@# the copy's .py files are copied afresh (a file removed from vqkernels/ leaves the copy too); _C*.so stays
+	-find $(CUDA_EXT_BUILD)/lib -name '*.py' -delete 2>/dev/null
+	VQK_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_EXT_ARCHS)" MAX_JOBS=$(CUDA_EXT_JOBS) CUDA_HOME="$(CUDA_EXT_HOME)" \
+	  $(CUDA_VENV)/bin/python setup.py -q egg_info --egg-base $(CUDA_EXT_BUILD) \
+	  build --build-base $(CUDA_EXT_BUILD) --build-lib $(CUDA_EXT_BUILD)/lib
+	touch $@
+
+cuda-ext-build: $(CUDA_EXT_STAMP)
+
+cuda-ext-check: $(CUDA_EXT_STAMP)
+	cd $(CUDA_EXT_BUILD) && PYTHONPATH="$(abspath $(CUDA_EXT_BUILD)/lib)" VQK_CUDA_EXT_LIB="$(abspath $(CUDA_EXT_BUILD)/lib)" \
+	  VQK_CUDA_EXT_ARCHS="$(CUDA_EXT_ARCHS)" \
+	  $(abspath $(CUDA_VENV))/bin/python -m pytest -q -p no:cacheprovider --confcutdir="$(abspath tests/cuda_ext)" \
+	  --rootdir="$(abspath tests/cuda_ext)" -c /dev/null "$(abspath tests/cuda_ext/check_cuda_ext.py)"
+# ---- end cuda-ext-check ----------------------------------------------------------------------------------------------

@@ -36,7 +36,24 @@ def collect() -> dict:
     }
 
 
-def main() -> None:
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m vqkernels.info", description=__doc__.split(":")[0])
+    p.add_argument("--kernels", action="store_true",
+                   help="compile every Triton kernel variant for real GPU targets (no GPU needed) and print the "
+                        "per-variant table: kernel, tile, warps, stages, registers, spills, shared memory")
+    p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="with --kernels: sm_80 and/or sm_90")
+    args = p.parse_args(argv)
+    if args.kernels:
+        import os
+        import subprocess
+
+        # a fresh process: the compile check needs the real compiler (no TRITON_INTERPRET) and an empty cache
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "vqkernels.triton.gpu_compile", "--table", "--quiet", "--arch",
+               *map(str, args.arch)]
+        return subprocess.run(cmd, env=env).returncode
     info = collect()
     width = max(len(k) for k in info)
     for key, value in info.items():
@@ -48,7 +65,8 @@ def main() -> None:
         why = b.why_not()
         state = "available" if why is None else f"unavailable: {why}"
         print(f"  {name:<8} [{', '.join(b.devices)}] {state}\n           {b.summary}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
