@@ -9,6 +9,7 @@ Environment switches:
 
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -49,7 +50,10 @@ def _extensions():
     if why_not is not None and mode in ("1", "true", "yes", "on"):
         raise RuntimeError(f"VQK_BUILD_CUDA=1 but the CUDA ops cannot be built: {why_not}")
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    # torch >= 2.14's headers require C++20 (ATen.h #errors otherwise); older torch builds as C++17, as before
+    major_minor = tuple(int(v) for v in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    std = "-std=c++20" if major_minor >= (2, 14) else "-std=c++17"
+    cxx = ["-O3", std, "-fopenmp", "-Wall", "-Wno-unused-function"]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     if why_not is None:
         # WMMA bf16 and __match_any_sync need sm_80+; default to the data-centre GPUs we target
@@ -59,7 +63,7 @@ def _extensions():
             "vqkernels._C",
             cpp_sources + cuda_sources,
             define_macros=define_macros + [("VQK_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", std, "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -1,11 +1,15 @@
 // CUDA implementations of the vqkernels ops (schemas in csrc/registration.cpp): argument checks that name the
 // argument, a device guard, then the plain C launchers of vq_cuda.cu on the current stream.
-// Built only against a CUDA build of torch (setup.py).
+// Built only against a CUDA build of torch (setup.py). Only c10/cuda headers and the CUDA runtime: not
+// ATen/cuda/CUDAContext.h, which pulls in the cuBLAS / cuSPARSE / cuSOLVER headers that a bare CUDA toolkit
+// (nvcc + cudart) lacks.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -15,7 +19,8 @@
 namespace vqkernels::cuda {
 namespace {
 
-constexpr int64_t kBM = 64, kBN = 64;  // search tile of vq_cuda.cu (rows per block, codes per block)
+constexpr int64_t kBM = 64, kBN = 64;  // search tile of vq_cuda.cu (rows per block, codes per block; fp64: 32)
+constexpr int64_t kMaxSplits = 65535;  // splits are grid.y of the search launch
 
 void check(int err, const char* what) {
   TORCH_CHECK(err == 0, "vqkernels CUDA ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -76,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search(const at::Tens
   const int64_t N = x.size(0), D = x.size(1), K = cb.size(0);
   const int dt = dtype_code(x.scalar_type());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
 
   auto codes = at::empty({N}, x.options().dtype(at::kLong));
   auto dist = at::empty({N}, x.options().dtype(acc));
@@ -93,12 +98,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search(const at::Tens
   if (exact) cnorm.narrow(0, K, 1).copy_(cnorm.narrow(0, 0, K).max().reshape({1}));
 
   // split-K when the row blocks alone cannot fill the GPU twice
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sm_count = 0;
+  check(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.device().index()), "device query");
+  const int64_t sms = std::max(1, sm_count);
   const int64_t row_blocks = (N + kBM - 1) / kBM;
   int64_t splits = row_blocks >= 2 * sms ? 1 : std::min((2 * sms + row_blocks - 1) / row_blocks, (K + 4 * kBN - 1) / (4 * kBN));
   splits = std::max<int64_t>(1, env_int("VQK_CUDA_SPLIT", splits));
+  // at most one split per code block and at most grid.y's limit (VQK_CUDA_SPLIT may ask for more)
+  splits = std::min({splits, (K + kBN - 1) / kBN, kMaxSplits});
   int64_t per_split = ((K + splits - 1) / splits + kBN - 1) / kBN * kBN;
-  splits = (K + per_split - 1) / per_split;
+  splits = (K + per_split - 1) / per_split;  // <= the clamped count: per_split only grew
   auto pv = at::empty({splits, N, 2}, x.options().dtype(acc));
   auto pi = at::empty({splits, N, 2}, x.options().dtype(at::kInt));
   check(vqk_search(dt, x.data_ptr(), cb.data_ptr(), w.data_ptr(), o.data_ptr(), N, K, D, x.stride(0), cb.stride(0),
@@ -147,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor> code_stats_cuda(const at::Tensor& x_in, const
   auto sums = at::zeros({num_codes, D}, x.options().dtype(acc));
   auto counts = at::zeros({num_codes}, x.options().dtype(at::kLong));
   check(vqk_code_stats(dtype_code(x.scalar_type()), x.data_ptr(), c.data_ptr<int64_t>(), N, D, x.stride(0),
-                       num_codes, sums.data_ptr(), counts.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()),
+                       num_codes, sums.data_ptr(), counts.data_ptr<int64_t>(),
+                       c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
         "code_stats");
   return {sums, counts};
 }

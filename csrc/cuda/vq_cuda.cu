@@ -6,14 +6,20 @@
 // previous tile is multiplied (and the next code block's first tile while the epilogue runs); otherwise by plain
 // loads in the same two-buffer order. The BM x BN dot
 // products come from tensor cores (WMMA 16x16x16, bf16/fp16 on sm_80+) or from a register-tiled FMA loop
-// (fp32 as IEEE fp32, fp64), into shared memory, where two threads per row reduce them to a running top-2
-// (key, index) (strictly smaller keys replace, codes are visited in increasing order: ties go to the lowest
-// index). Only [splits, N, 2] partials are written, never N x K.
-// finalize_kernel: merges the splits, forms the distance, re-scores exact mode's candidates in fp64 from the
-// stored values (and re-scans every code for the rare rows whose second candidate is inside the rounding bound),
-// gathers z_q and adds the histogram with warp-aggregated atomics (__match_any_sync: one atomic per distinct
-// code of a warp, so full collapse costs N / 32 atomics).
-// code_stats_kernel: the same warp aggregation for per-code sums and counts.
+// (fp32 as IEEE fp32, fp64; bank-conflict-free shared-memory layout, see search_kernel), into shared memory,
+// where two threads per row reduce them to a running top-2 (key, index) (strictly smaller keys replace, codes
+// are visited in increasing order: ties go to the lowest index). Only [splits, N, 2] partials are written,
+// never N x K.
+// finalize_kernel: a warp per group of 32 rows. Lane l merges the splits of row l (coalesced partials); then the
+// warp takes the rows one by one with its lanes striding over D (coalesced): the norm, exact mode's fp64 re-score
+// of the candidates from the stored values (and the re-scan of every code for the rare rows whose second
+// candidate is inside the rounding bound), the z_q gather; finally one atomic per distinct code of the group
+// (__match_any_sync) adds the histogram, so full collapse costs N / 32 atomics.
+// code_stats_kernel: the same groups of 32 rows; per distinct code of a group, the lanes stride over D, sum the
+// code's rows and issue one atomic per feature.
+// key_terms_kernel: a warp per code, lanes over D.
+// No fast math anywhere (setup.py and the Makefile pass no --use_fast_math): float and double division and
+// sqrt are IEEE correctly rounded, so distances and the values compared are reproducible.
 #include "vq_cuda.h"
 
 #include <cuda_bf16.h>
@@ -23,6 +29,8 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 namespace {
 
@@ -55,8 +63,14 @@ struct Cvt<double> {
   static __device__ __forceinline__ double inf() { return static_cast<double>(INFINITY); }
 };
 
+// zero of each element type through the conversion intrinsics: torch's extension build defines
+// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove __half(float) and friends
 template <typename T>
-__device__ __forceinline__ T zero_of() { return T(0.0f); }
+__device__ __forceinline__ T zero_of() { return T(0); }
+template <>
+__device__ __forceinline__ __half zero_of<__half>() { return __float2half_rn(0.0f); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16_rn(0.0f); }
 
 // bf16 WMMA needs sm_80; older device passes (and the host pass) take the FMA path
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -78,6 +92,19 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+#else
+  (void)smem; (void)gmem; (void)src_bytes;
+#endif
+}
+
+// one element (Bytes = 4 or 8) global -> shared, for the transposed code tile of the FMA path; src_bytes = 0
+// writes zeros
+template <int Bytes>
+__device__ __forceinline__ void cp_async_elem(void* smem, const void* gmem, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem), "n"(Bytes), "r"(src_bytes)
+               : "memory");
 #else
   (void)smem; (void)gmem; (void)src_bytes;
 #endif
@@ -114,17 +141,40 @@ __device__ __forceinline__ void push2(A v, int i, A& v1, int& i1, A& v2, int& i2
   }
 }
 
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerBlock = kWarps * 32;  // finalize / code_stats: a warp per group of 32 rows
+
+// Sum over the 32 lanes by an xor butterfly: every lane ends with the same, bitwise identical value (each step
+// adds the same two operands on both lanes of a pair, and fp addition is commutative), so branches on it stay
+// warp-uniform. The whole warp must call it.
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(kFull, v, m);
+  return v;
+}
+
 // ---- key terms ---------------------------------------------------------------------------------------------------
+// A warp per code, lanes over D (coalesced). key_k = w_k (x . c_k) + o_k with s = sum_d c_d^2 in fp64 from the
+// stored values: l2: w = -2, o = (A)s (not sqrt(s)^2, which rounds and would break exact ties between equidistant
+// codes); cosine: w = (A)(-1 / max(sqrt(s), 1e-12)), o = 0; dot: w = -1, o = 0. cnorm64 = sqrt(s) (IEEE double
+// sqrt, correctly rounded).
 template <typename T, typename A>
-__global__ void key_terms_kernel(const T* __restrict__ cb, int64_t K, int64_t D, int64_t ldc, int metric,
-                                 A* __restrict__ w, A* __restrict__ o, double* __restrict__ cnorm64) {
-  const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (k >= K) return;
+__global__ void __launch_bounds__(kThreads)
+key_terms_kernel(const T* __restrict__ cb, int64_t K, int64_t D, int64_t ldc, int metric, A* __restrict__ w,
+                 A* __restrict__ o, double* __restrict__ cnorm64) {
+  const int lane = threadIdx.x & 31;
+  const int64_t k = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32;
+  if (k >= K) return;  // warp-uniform
+  const T* cr = cb + k * ldc;
   double s = 0.0;
-  for (int64_t d = 0; d < D; ++d) {
-    const double c = f64(cb[k * ldc + d]);
+  for (int64_t d = lane; d < D; d += 32) {
+    const double c = f64(cr[d]);
     s += c * c;
   }
+  s = warp_sum(s);
+  if (lane != 0) return;
   const double n = sqrt(s);
   cnorm64[k] = n;
   if (metric == VQK_L2) {
@@ -137,6 +187,21 @@ __global__ void key_terms_kernel(const T* __restrict__ cb, int64_t K, int64_t D,
 }
 
 // ---- search ------------------------------------------------------------------------------------------------------
+// Shared-memory layout of the FMA path (fp32, fp64; bf16/fp16 only below sm_80), chosen so that no read of the
+// inner loop has a bank conflict. Thread t owns rows rg + 8 i (i < 8) and codes cg + 16 j (j < BN / 16) of the
+// block, rg = t / 16, cg = t % 16: a warp is two half-warps with rg = 2w and 2w + 1 and cg = 0..15.
+//  - code tile, stored transposed, cs[kk][code] (row stride BN + kCsPad): a B read cs[kk][cg + 16 j] has the 16
+//    lanes of a half-warp on 16 consecutive elements and the other half-warp on the same 16 (a broadcast): 16
+//    distinct consecutive words for fp32, 128 contiguous bytes for fp64 -- one wavefront, no conflict. (The
+//    previous layout cs[code][kk] with codes cg * kCols + j put consecutive lanes kCols * kBK elements apart, all
+//    on one bank: a 16-way conflict on every B read.) The tile is filled element-wise (cp.async of 4 or 8 bytes,
+//    or plain stores) with a warp covering 2 codes x 16 features: coalesced global reads, and the pad makes the
+//    shared writes conflict-free too (fp32: word kk (BN + 2) + c, bank 2 kk + c, 32 distinct for c in {2q, 2q+1};
+//    fp64: double kk (BN + 1) + c, bank pair (kk + c) mod 16, 16 distinct per half-warp).
+//  - row tile xs[r][kk] (row stride kBK + 16 bytes, a multiple of 16 so 16-byte cp.async stays aligned): an A read
+//    xs[rg + 8 i][kk] is one address per half-warp (a broadcast), and the two half-warps' rows are adjacent, one
+//    row stride (kBK + 16 / sizeof(T) elements: 80 bytes fp32, 144 bytes fp64) apart: different banks.
+// The WMMA path (bf16/fp16 on sm_80+) keeps the layouts load_matrix_sync expects: xs[r][kk], cs[code][kk].
 template <typename T, typename A, int BN>
 __global__ void __launch_bounds__(kThreads)
 search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __restrict__ w, const A* __restrict__ o,
@@ -144,8 +209,14 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
               int vec16, A* __restrict__ pv, int32_t* __restrict__ pi) {
   constexpr bool kWmma = IsHalf<T>::value && kHasWmma;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte copy
-  __shared__ __align__(32) T xs[2][kBM][kBK];
-  __shared__ __align__(32) T cs[2][BN][kBK];
+  constexpr int kXStride = kWmma ? kBK : kBK + kVec;      // row tile: + 16 bytes per row on the FMA path
+  constexpr int kCsPad = sizeof(T) == 8 ? 1 : 2;
+  constexpr int kCsRows = kWmma ? BN : kBK;               // WMMA: cs[code][kk]; FMA: cs[kk][code] (transposed)
+  constexpr int kCsCols = kWmma ? kBK : BN + kCsPad;
+  static_assert(BN % 16 == 0 && kBM == 64 && kThreads == 128, "thread mapping assumes 64 rows, 128 threads");
+  static_assert((kXStride * sizeof(T)) % 16 == 0, "16-byte cp.async needs 16-byte aligned rows");
+  __shared__ __align__(32) T xs[2][kBM][kXStride];
+  __shared__ __align__(32) T cs[2][kCsRows][kCsCols];
   __shared__ __align__(32) A acc_s[kBM][BN + 4];  // +4: fewer bank conflicts in the row-wise epilogue
 
   const int tid = threadIdx.x;
@@ -171,11 +242,21 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
         const bool in = row < N && d < D;
         cp_async16(&xs[buf][r][kk], in ? x + row * ldx + d : x, in ? 16 : 0);
       }
-      for (int e = tid; e < BN * kBK / kVec; e += kThreads) {
-        const int c = e / (kBK / kVec), kk = (e % (kBK / kVec)) * kVec;
-        const int64_t code = kb + c, d = d0 + kk;
-        const bool in = code < k_hi && d < D;
-        cp_async16(&cs[buf][c][kk], in ? cb + code * ldc + d : cb, in ? 16 : 0);
+      if constexpr (kWmma) {
+        for (int e = tid; e < BN * kBK / kVec; e += kThreads) {
+          const int c = e / (kBK / kVec), kk = (e % (kBK / kVec)) * kVec;
+          const int64_t code = kb + c, d = d0 + kk;
+          const bool in = code < k_hi && d < D;
+          cp_async16(&cs[buf][c][kk], in ? cb + code * ldc + d : cb, in ? 16 : 0);
+        }
+      } else {
+        for (int e = tid; e < BN * kBK; e += kThreads) {
+          const int c = e / kBK, kk = e % kBK;
+          const int64_t code = kb + c, d = d0 + kk;
+          const bool in = code < k_hi && d < D;
+          cp_async_elem<static_cast<int>(sizeof(T))>(&cs[buf][kk][c], in ? cb + code * ldc + d : cb,
+                                                     in ? static_cast<int>(sizeof(T)) : 0);
+        }
       }
       return;
     }
@@ -187,7 +268,12 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
     for (int e = tid; e < BN * kBK; e += kThreads) {
       const int c = e / kBK, kk = e % kBK;
       const int64_t code = kb + c, d = d0 + kk;
-      cs[buf][c][kk] = (code < k_hi && d < D) ? cb[code * ldc + d] : zero_of<T>();
+      const T v = (code < k_hi && d < D) ? cb[code * ldc + d] : zero_of<T>();
+      if constexpr (kWmma) {
+        cs[buf][c][kk] = v;
+      } else {
+        cs[buf][kk][c] = v;
+      }
     }
   };
   int buf = 0;
@@ -195,7 +281,7 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
   cp_async_commit();
 
   for (int64_t kb = k_lo; kb < k_hi; kb += BN) {
-    // FMA path: thread owns an 8 x (BN / 16) register tile of the block
+    // FMA path: thread owns rows rg + 8 i and codes cg + 16 j (layout comment above)
     constexpr int kCols = BN / 16;
     A acc[8][kCols];
 #pragma unroll
@@ -227,12 +313,12 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
       if constexpr (kWmma) {
         const int warp = tid / 32;
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> afrag;
-        wmma::load_matrix_sync(afrag, &xs[buf][warp * 16][0], kBK);
+        wmma::load_matrix_sync(afrag, &xs[buf][warp * 16][0], kXStride);
 #pragma unroll
         for (int j = 0; j < kFrags; ++j) {
           // B[k][n] = code n's feature k: the code tile read column-major
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bfrag;
-          wmma::load_matrix_sync(bfrag, &cs[buf][j * 16][0], kBK);
+          wmma::load_matrix_sync(bfrag, &cs[buf][j * 16][0], kCsCols);
           wmma::mma_sync(cfrag[j], afrag, bfrag, cfrag[j]);
         }
       } else {
@@ -240,9 +326,9 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
         for (int kk = 0; kk < kBK; ++kk) {
           A a[8], b[kCols];
 #pragma unroll
-          for (int i = 0; i < 8; ++i) a[i] = Cvt<A>::of(xs[buf][rg * 8 + i][kk]);
+          for (int i = 0; i < 8; ++i) a[i] = Cvt<A>::of(xs[buf][rg + 8 * i][kk]);
 #pragma unroll
-          for (int j = 0; j < kCols; ++j) b[j] = Cvt<A>::of(cs[buf][cg * kCols + j][kk]);
+          for (int j = 0; j < kCols; ++j) b[j] = Cvt<A>::of(cs[buf][kk][cg + 16 * j]);
 #pragma unroll
           for (int i = 0; i < 8; ++i)
 #pragma unroll
@@ -261,7 +347,7 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
 #pragma unroll
       for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int j = 0; j < kCols; ++j) acc_s[rg * 8 + i][cg * kCols + j] = acc[i][j];
+        for (int j = 0; j < kCols; ++j) acc_s[rg + 8 * i][cg + 16 * j] = acc[i][j];
     }
     __syncthreads();
     // epilogue: keys and the running top-2 of this thread's half-row
@@ -280,8 +366,8 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
   }
   cp_async_wait<0>();  // nothing may be in flight when the block exits (D = 0 leaves the prologue's group)
   // merge the two halves of each row (threads t and t ^ 1 share a warp)
-  const A ov1 = __shfl_xor_sync(0xffffffffu, v1, 1), ov2 = __shfl_xor_sync(0xffffffffu, v2, 1);
-  const int oi1 = __shfl_xor_sync(0xffffffffu, i1, 1), oi2 = __shfl_xor_sync(0xffffffffu, i2, 1);
+  const A ov1 = __shfl_xor_sync(kFull, v1, 1), ov2 = __shfl_xor_sync(kFull, v2, 1);
+  const int oi1 = __shfl_xor_sync(kFull, i1, 1), oi2 = __shfl_xor_sync(kFull, i2, 1);
   push2(ov1, oi1, v1, i1, v2, i2);
   push2(ov2, oi2, v1, i1, v2, i2);
   const int64_t row = row0 + er;
@@ -293,116 +379,178 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
 }
 
 // ---- finalize ----------------------------------------------------------------------------------------------------
+// fp64 distance of row xr to code cr, the whole warp cooperating: lanes stride over D, then warp_sum (every lane
+// returns the same value). The whole warp must call it. Not inlined: as a real call it keeps the finalize
+// kernel's exact variants free of register spills (inlined, ptxas spilled a few loop invariants around it on
+// sm_80), and a call per re-scored code is cheap next to its D-loop and reduction.
 template <typename T>
-__device__ double rescore64(const T* xr, const T* cr, int64_t D, int metric, double xn, double cn) {
+__device__ __noinline__ double rescore64(const T* xr, const T* cr, int64_t D, int metric, double xn, double cn,
+                                         int lane) {
   double s = 0.0;
   if (metric == VQK_L2) {
-    for (int64_t d = 0; d < D; ++d) {
+    for (int64_t d = lane; d < D; d += 32) {
       const double diff = f64(xr[d]) - f64(cr[d]);
       s += diff * diff;
     }
-    return s;
+  } else {
+    for (int64_t d = lane; d < D; d += 32) s += f64(xr[d]) * f64(cr[d]);
   }
-  for (int64_t d = 0; d < D; ++d) s += f64(xr[d]) * f64(cr[d]);
+  s = warp_sum(s);  // one reduction site for every metric
+  if (metric == VQK_L2) return s;
   if (metric == VQK_DOT) return -s;
   return 1.0 - s / (fmax(xn, 1e-12) * fmax(cn, 1e-12));
 }
 
-template <typename T, typename A>
+// A warp per group of 32 consecutive rows (kernel comment at the top). Every value a branch depends on in the
+// per-row phase is either broadcast from the row's lane or a warp_sum, so the branches are warp-uniform and the
+// full-mask shuffles inside are safe.
+template <typename T, typename A, bool exact>
 __global__ void __launch_bounds__(kThreads)
 finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double* __restrict__ cnorm64, int64_t N,
-                int64_t K, int64_t D, int64_t ldx, int64_t ldc, int splits, int metric, int exact, double gamma,
+                int64_t K, int64_t D, int64_t ldx, int64_t ldc, int splits, int metric, double gamma,
                 const A* __restrict__ pv, const int32_t* __restrict__ pi, int64_t* __restrict__ codes,
                 A* __restrict__ dist, T* __restrict__ zq, int64_t* __restrict__ counts) {
-  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const bool valid = row < N;
-  int64_t code = 0;
-  if (valid) {
+  const int lane = threadIdx.x & 31;
+  const int64_t base = (blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32) * 32;
+  if (base >= N) return;  // warp-uniform
+  const int64_t my_row = base + lane;
+  const bool valid = my_row < N;
+  const int rows = N - base < 32 ? static_cast<int>(N - base) : 32;
+
+  // per-row candidates in, per-row results out: kept in shared memory rather than in registers across the row
+  // loop below (fewer values live across it: no spills)
+  __shared__ A s_v1[kWarps][32], s_v2[kWarps][32], s_dist[kWarps][32];
+  __shared__ int s_i1[kWarps][32], s_i2[kWarps][32];
+  __shared__ int64_t s_code[kWarps][32];
+  const int wid = threadIdx.x / 32;
+
+  // lane l: merge the splits of row base + l (partials of consecutive rows are adjacent: coalesced)
+  {
     A v1 = Cvt<A>::inf(), v2 = Cvt<A>::inf();
     int i1 = kIntMax, i2 = kIntMax;
-    for (int s = 0; s < splits; ++s) {
-      const int64_t off = (s * N + row) * 2;
-      push2(pv[off], pi[off], v1, i1, v2, i2);
-      push2(pv[off + 1], pi[off + 1], v1, i1, v2, i2);
+    if (valid) {
+#pragma unroll 1
+      for (int s = 0; s < splits; ++s) {
+        const int64_t off = (s * N + my_row) * 2;
+        push2(pv[off], pi[off], v1, i1, v2, i2);
+        push2(pv[off + 1], pi[off + 1], v1, i1, v2, i2);
+      }
     }
+    s_v1[wid][lane] = v1; s_v2[wid][lane] = v2; s_i1[wid][lane] = i1; s_i2[wid][lane] = i2;
+  }
+  __syncwarp();
+
+  // the rows one by one, lanes over D
+  const bool need_x = exact || metric != VQK_DOT;
+  for (int r = 0; r < rows; ++r) {
+    const A rv1 = s_v1[wid][r], rv2 = s_v2[wid][r];  // broadcast reads
+    const int ri1 = s_i1[wid][r], ri2 = s_i2[wid][r];
+    const int64_t row = base + r;
     const T* xr = x + row * ldx;
-    A xsq = A(0);
-    double xsq64 = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
-      const A a = Cvt<A>::of(xr[d]);
-      xsq += a * a;
-      if (exact) xsq64 += f64(xr[d]) * f64(xr[d]);
+    // |x|^2: in the accumulation type for the fast distance, in fp64 for exact mode (which needs only that)
+    using X = typename std::conditional<exact, double, A>::type;
+    X xsq = X(0);
+    if (need_x) {
+      for (int64_t d = lane; d < D; d += 32) {
+        const X a = Cvt<X>::of(xr[d]);
+        xsq += a * a;
+      }
+      xsq = warp_sum(xsq);
     }
+    // no finite key in any split (only when every key overflowed): code 0, the lowest of the all-equal keys
+    const bool none = ri1 >= K;
+    int64_t code;
     A dd;
-    if (!exact) {
-      code = i1;
+    if constexpr (!exact) {
+      code = none ? 0 : ri1;
       if (metric == VQK_L2) {
-        dd = xsq + v1 > A(0) ? xsq + v1 : A(0);
+        dd = xsq + rv1 > A(0) ? xsq + rv1 : A(0);
       } else if (metric == VQK_COSINE) {
-        dd = A(1) + v1 / static_cast<A>(fmax(sqrt(static_cast<double>(xsq)), 1e-12));
+        dd = A(1) + rv1 / static_cast<A>(fmax(sqrt(static_cast<double>(xsq)), 1e-12));
       } else {
-        dd = v1;
+        dd = rv1;
       }
     } else {
-      const double xn = sqrt(xsq64), cmax = cnorm64[K];
+      const double xn = sqrt(xsq), cmax = cnorm64[K];
       double e = metric == VQK_L2 ? gamma * (2.0 * xn * cmax + cmax * cmax)
                                   : (metric == VQK_COSINE ? gamma * xn : gamma * xn * cmax);
-      e += gamma * fabs(static_cast<double>(v1));
-      const double thresh = static_cast<double>(v1) + 2.0 * e;
-      double bd = rescore64(xr, cb + static_cast<int64_t>(i1) * ldc, D, metric, xn, cnorm64[i1]);
-      int64_t bc = i1;
-      const bool second = i2 < K && static_cast<double>(v2) <= thresh;
-      if (second) {  // the bound may hide more codes than the two kept: re-scan every code in fp64
-        for (int64_t k = 0; k < K; ++k) {
-          const double dk = rescore64(xr, cb + k * ldc, D, metric, xn, cnorm64[k]);
-          if (dk < bd || (dk == bd && k < bc)) { bd = dk; bc = k; }
-        }
+      e += gamma * fabs(static_cast<double>(rv1));
+      const double thresh = static_cast<double>(rv1) + 2.0 * e;
+      // the bound may hide more codes than the two kept: then re-scan every code in fp64, else re-score the
+      // candidate only; increasing k with a strict < keeps ties on the lowest index (the same result as
+      // re-scoring the candidate first and re-scanning with ties to the lower index)
+      const bool scan = none || (ri2 < K && static_cast<double>(rv2) <= thresh);
+      const int64_t k0 = scan ? 0 : ri1, k1 = scan ? K : k0 + 1;
+      double bd = static_cast<double>(INFINITY);
+      int64_t bc = k0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const double dk = rescore64(xr, cb + k * ldc, D, metric, xn, cnorm64[k], lane);
+        if (dk < bd) { bd = dk; bc = k; }
       }
       code = bc;
       dd = static_cast<A>(bd);
     }
-    codes[row] = code;
-    dist[row] = dd;
+    if (lane == 0) { s_code[wid][r] = code; s_dist[wid][r] = dd; }
     if (zq != nullptr) {
       const T* cr = cb + code * ldc;
-      for (int64_t d = 0; d < D; ++d) zq[row * D + d] = cr[d];
+      T* zr = zq + row * D;
+      for (int64_t d = lane; d < D; d += 32) zr[d] = cr[d];
     }
   }
+
+  __syncwarp();
+  const int64_t my_code = valid ? s_code[wid][lane] : 0;
+  if (valid) {
+    codes[my_row] = my_code;
+    dist[my_row] = s_dist[wid][lane];
+  }
   if (counts != nullptr) {
-    const unsigned active = __ballot_sync(0xffffffffu, valid);
+    const unsigned active = __ballot_sync(kFull, valid);
     if (valid) {
-      const unsigned peers = __match_any_sync(active, static_cast<unsigned long long>(code));
-      if (static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1)
-        atomicAdd(reinterpret_cast<unsigned long long*>(counts + code), static_cast<unsigned long long>(__popc(peers)));
+      const unsigned peers = __match_any_sync(active, static_cast<unsigned long long>(my_code));
+      if (lane == __ffs(peers) - 1)
+        atomicAdd(reinterpret_cast<unsigned long long*>(counts + my_code),
+                  static_cast<unsigned long long>(__popc(peers)));
     }
   }
 }
 
 // ---- code_stats --------------------------------------------------------------------------------------------------
+// A warp per group of 32 consecutive rows: lane l reads the code of row base + l, __match_any_sync groups equal
+// codes; then for each distinct code (warp-uniform loop over the group leaders) the lanes stride over D, each
+// summing the code's rows of its features in increasing row order and issuing one atomic per feature: one
+// atomic per distinct code of the group and per feature, so full collapse costs N / 32 atomics per feature.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
 code_stats_kernel(const T* __restrict__ x, const int64_t* __restrict__ codes, int64_t N, int64_t D, int64_t ldx,
                   A* __restrict__ sums, int64_t* __restrict__ counts) {
-  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const bool valid = row < N;
-  const int64_t code = valid ? codes[row] : -1;
-  const unsigned active = __ballot_sync(0xffffffffu, valid);
-  if (!valid) return;
-  const unsigned peers = __match_any_sync(active, static_cast<unsigned long long>(code));
   const int lane = threadIdx.x & 31;
-  if (lane != __ffs(peers) - 1) return;
-  // the warp's leader for this code sums its peers' rows (rows of a warp are consecutive)
-  atomicAdd(reinterpret_cast<unsigned long long*>(counts + code), static_cast<unsigned long long>(__popc(peers)));
-  const int64_t base = row - lane;
-  for (int64_t d = 0; d < D; ++d) {
-    A s = A(0);
-    unsigned m = peers;
-    while (m) {
-      const int p = __ffs(m) - 1;
-      m &= m - 1;
-      s += Cvt<A>::of(x[(base + p) * ldx + d]);
+  const int64_t base = (blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32) * 32;
+  if (base >= N) return;  // warp-uniform
+  const bool valid = base + lane < N;
+  const int64_t code = valid ? codes[base + lane] : -1;
+  const unsigned active = __ballot_sync(kFull, valid);
+  unsigned peers = 0;
+  if (valid) peers = __match_any_sync(active, static_cast<unsigned long long>(code));
+  unsigned leaders = __ballot_sync(kFull, valid && lane == __ffs(peers) - 1);
+  while (leaders != 0) {
+    const int ld = __ffs(leaders) - 1;
+    leaders &= leaders - 1;
+    const unsigned group = __shfl_sync(kFull, peers, ld);
+    const int64_t c = __shfl_sync(kFull, code, ld);
+    if (lane == 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(counts + c), static_cast<unsigned long long>(__popc(group)));
+    A* sr = sums + c * D;
+    for (int64_t d = lane; d < D; d += 32) {
+      A s = A(0);
+      unsigned m = group;
+      while (m != 0) {
+        const int p = __ffs(m) - 1;
+        m &= m - 1;
+        s += Cvt<A>::of(x[(base + p) * ldx + d]);
+      }
+      atomicAdd(sr + d, s);
     }
-    atomicAdd(sums + code * D + d, s);
   }
 }
 
@@ -411,7 +559,12 @@ template <typename T, typename A, int BN>
 int launch_search(const void* x, const void* cb, const void* w, const void* o, int64_t N, int64_t K, int64_t D,
                   int64_t ldx, int64_t ldc, int splits, int64_t cps, int top, void* pv, int32_t* pi,
                   cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((N + kBM - 1) / kBM), static_cast<unsigned>(splits));
+  const int64_t row_blocks = (N + kBM - 1) / kBM;
+  // grid.y holds the splits (at most 65535; binding.cpp clamps), grid.x the row blocks (at most 2^31 - 1)
+  if (splits < 1 || splits > 65535 || row_blocks > 2147483647 || cps < 1) {
+    return static_cast<int>(cudaErrorInvalidConfiguration);
+  }
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
   constexpr int64_t es = static_cast<int64_t>(sizeof(T));
   const bool vec16 = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(cb) % 16 == 0 &&
                      (ldx * es) % 16 == 0 && (ldc * es) % 16 == 0 && (D * es) % 16 == 0;
@@ -425,10 +578,11 @@ template <typename T, typename A>
 int launch_finalize(const void* x, const void* cb, const double* cnorm64, int64_t N, int64_t K, int64_t D,
                     int64_t ldx, int64_t ldc, int splits, int metric, int exact, double gamma, const void* pv,
                     const int32_t* pi, int64_t* codes, void* dist, void* zq, int64_t* counts, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>((N + kThreads - 1) / kThreads);
-  finalize_kernel<T, A><<<blocks, kThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(cb), cnorm64, N, K, D, ldx, ldc, splits, metric, exact, gamma,
-      static_cast<const A*>(pv), pi, codes, static_cast<A*>(dist), static_cast<T*>(zq), counts);
+  const unsigned blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
+  auto kernel = exact ? finalize_kernel<T, A, true> : finalize_kernel<T, A, false>;
+  kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(cb), cnorm64, N, K, D, ldx,
+                                          ldc, splits, metric, gamma, static_cast<const A*>(pv), pi, codes,
+                                          static_cast<A*>(dist), static_cast<T*>(zq), counts);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -437,7 +591,7 @@ int launch_finalize(const void* x, const void* cb, const double* cnorm64, int64_
 extern "C" int vqk_key_terms(int dtype, const void* cb, int64_t K, int64_t D, int64_t ldc, int metric, void* w,
                              void* o, double* cnorm64, cudaStream_t stream) {
   if (K == 0) return 0;
-  const unsigned blocks = static_cast<unsigned>((K + kThreads - 1) / kThreads);
+  const unsigned blocks = static_cast<unsigned>((K + kWarps - 1) / kWarps);  // a warp per code
   switch (dtype) {
     case VQK_F32:
       key_terms_kernel<float, float><<<blocks, kThreads, 0, stream>>>(
@@ -517,7 +671,7 @@ extern "C" int vqk_code_stats(int dtype, const void* x, const int64_t* codes, in
                               int64_t K, void* sums, int64_t* counts, cudaStream_t stream) {
   (void)K;
   if (N == 0) return 0;
-  const unsigned blocks = static_cast<unsigned>((N + kThreads - 1) / kThreads);
+  const unsigned blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
   switch (dtype) {
     case VQK_F32:
       code_stats_kernel<float, float><<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(x), codes, N, D,

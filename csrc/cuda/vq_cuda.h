@@ -19,7 +19,8 @@ int vqk_key_terms(int dtype, const void* cb, int64_t K, int64_t D, int64_t ldc, 
 
 // Search: for rows [N, D] (row stride ldx) against codes [K, D] (row stride ldc), `splits` ranges of
 // `codes_per_split` codes each; writes the best `top` (1 or 2) (key, index) per row and split to
-// pv [splits, N, 2] (acc type) and pi [splits, N, 2] (int32).
+// pv [splits, N, 2] (acc type) and pi [splits, N, 2] (int32). The splits are the launch's grid.y: 1..65535
+// (cudaErrorInvalidConfiguration otherwise; binding.cpp clamps).
 int vqk_search(int dtype, const void* x, const void* cb, const void* w, const void* o, int64_t N, int64_t K,
                int64_t D, int64_t ldx, int64_t ldc, int splits, int64_t codes_per_split, int top, int allow_tf32,
                void* pv, int32_t* pi, cudaStream_t stream);
