@@ -12,11 +12,22 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 METRICS = ("l2", "cosine", "dot")
 
 
+def backend_devices() -> list[tuple[str, str]]:
+    """Every ``(backend, device type)`` pair that runs here: on CPU tensors the reference, the C++ op and Triton
+    (under ``TRITON_INTERPRET=1``, which conftest.py sets when no GPU is visible); with a GPU also every backend
+    available on CUDA tensors (reference, C++/CUDA, Triton compiled)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [(name, dev) for dev in devices for name, b in BACKENDS.items()
+            if dev in b.devices and b.available() and b.device_why_not(dev) is None]
+
+
+# The test matrix of the backend-generic suites: one case per (backend, device), ids like "triton-cuda".
+BACKEND_DEVICES = [pytest.param(bd, id=f"{bd[0]}-{bd[1]}") for bd in backend_devices()]
+
+
 def cpu_backends() -> list[str]:
-    """Backends that run on CPU tensors here (the reference always; the C++ op when built; Triton under
-    ``TRITON_INTERPRET=1``, which conftest.py sets when no GPU is visible)."""
-    return [n for n, b in BACKENDS.items()
-            if "cpu" in b.devices and b.available() and b.device_why_not("cpu") is None]
+    """Backends that run on CPU tensors here."""
+    return [b for b, dev in backend_devices() if dev == "cpu"]
 
 
 def make_inputs(n: int, k: int, d: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
@@ -76,6 +87,7 @@ def rounding_scale(x: torch.Tensor, cb: torch.Tensor, metric: str, u: float | No
 
 def check_search(x, cb, metric, codes, dist, exact: bool, max_rows: int = 512) -> None:
     """Assert the precision rule (or exactness) and the distance accuracy on up to ``max_rows`` rows."""
+    x, cb, codes, dist = x.cpu(), cb.cpu(), codes.cpu(), dist.cpu()
     n = x.shape[0]
     assert codes.shape == (n,) and codes.dtype == torch.int64
     assert dist.shape == (n,) and dist.dtype == reference.acc_dtype(x.dtype)
@@ -109,6 +121,7 @@ OPCHECK_ALL = ("test_schema", "test_autograd_registration", "test_faketensor", "
 
 
 def triton_interpreted(backend: str) -> bool:
+    """Triton on CPU tensors: its interpreter."""
     from vqkernels.triton import interpreting
 
     return backend == "triton" and interpreting()

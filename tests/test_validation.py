@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from helpers import cpu_backends
+from helpers import BACKEND_DEVICES, backend_devices
 
 import vqkernels as vq
 from vqkernels import dispatch
@@ -33,12 +33,18 @@ SEARCH_CASES = [
 ]
 
 
+def _on(dev, v):
+    """A case's tensors on the device under test (the device-mismatch cases keep their meta tensor)."""
+    return v.to(dev) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
+
+
 @pytest.mark.parametrize("fn", [vq.nearest_code, vq.quantize], ids=["nearest_code", "quantize"])
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("bd", BACKEND_DEVICES)
 @pytest.mark.parametrize("case", SEARCH_CASES, ids=[c[0] for c in SEARCH_CASES])
-def test_bad_search_input(case, backend, fn):
+def test_bad_search_input(case, bd, fn):
+    backend, dev = bd
     _, override, exc, msg = case
-    args = dict(x=X, codebook=CB, metric="l2", exact=False) | override
+    args = {k: _on(dev, v) for k, v in (dict(x=X, codebook=CB, metric="l2", exact=False) | override).items()}
     with pytest.raises(exc, match=msg):
         fn(args["x"], args["codebook"], metric=args["metric"], exact=args["exact"], backend=backend)
 
@@ -56,16 +62,18 @@ CODE_STATS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("bd", BACKEND_DEVICES)
 @pytest.mark.parametrize("case", CODE_STATS_CASES, ids=[c[0] for c in CODE_STATS_CASES])
-def test_bad_code_stats_input(case, backend):
+def test_bad_code_stats_input(case, bd):
+    backend, dev = bd
     _, override, exc, msg = case
-    args = dict(x=X, codes=torch.zeros(10, dtype=torch.int64), num_codes=6) | override
+    args = {k: _on(dev, v) for k, v in (dict(x=X, codes=torch.zeros(10, dtype=torch.int64), num_codes=6)
+                                        | override).items()}
     with pytest.raises(exc, match=msg):
         vq.code_stats(args["x"], args["codes"], args["num_codes"], backend=backend)
 
 
-@pytest.mark.skipif("cpu" not in cpu_backends(), reason="C++ extension not built")
+@pytest.mark.skipif(("cpu", "cpu") not in backend_devices(), reason="C++ extension not built")
 def test_cpp_ops_check_their_arguments_too():
     ops = torch.ops.vqkernels
     with pytest.raises(ValueError, match="same D"):
@@ -119,15 +127,36 @@ def test_import_without_extension_falls_back_to_reference():
 def test_info_lists_every_backend(capsys):
     from vqkernels import info
 
-    info.main()
+    info.main([])
     out = capsys.readouterr().out
     for name in dispatch.BACKENDS:
         assert name in out
     assert "torch" in out and "backends:" in out
 
 
-def test_empty_batch_returns_empty_results():
-    for backend in cpu_backends():
-        q = vq.quantize(X[:0], CB, backend=backend)
+@pytest.mark.parametrize("bd", BACKEND_DEVICES)
+def test_empty_batch_returns_empty_results(bd):
+    backend, dev = bd
+    for exact in (False, True):
+        q = vq.quantize(X[:0].to(dev), CB.to(dev), exact=exact, backend=backend)
         assert q.codes.shape == (0,) and q.z_q.shape == (0, 4) and q.dist.shape == (0,)
-        assert torch.equal(q.counts, torch.zeros(6, dtype=torch.int64))
+        assert torch.equal(q.counts.cpu(), torch.zeros(6, dtype=torch.int64))
+        codes, dist = vq.nearest_code(X[:0].to(dev), CB.to(dev), exact=exact, backend=backend)
+        assert codes.shape == dist.shape == (0,)
+    sums, counts = vq.code_stats(X[:0].to(dev), torch.zeros(0, dtype=torch.int64, device=dev), 6, backend=backend)
+    assert sums.shape == (6, 4) and not sums.any() and not counts.any()
+
+
+def test_triton_backend_loads_where_it_should():
+    """With triton installed and a GPU or the interpreter, the backend must load: a kernel module that fails to
+    import would otherwise only turn every Triton test into a skip."""
+    import importlib.util
+
+    from vqkernels import triton as vqt
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if not (torch.cuda.is_available() or vqt.interpreting()):
+        pytest.skip("no GPU and no TRITON_INTERPRET")
+    assert vqt.load(), vqt.load_error
+    assert dispatch.BACKENDS["triton"].why_not() is None
