@@ -63,6 +63,21 @@ def test_bench_quick_json(tmp_path):
         assert f["median_ms"] == times and f["fastest"] == min(times, key=times.get)
 
 
+def test_bench_time_limit_stops_between_cases_with_a_complete_json(tmp_path):
+    """--time-limit starts no case after the limit; the JSON (rewritten whole after every case) says so."""
+    out = tmp_path / "b.json"
+    assert bench.main(["--quick", "--device", "cpu", "--json", out, "--min-time", "0.01", "--metric", "dot",
+                       "--dtype", "fp32", "--time-limit", "0", "--backend", "torch"]) == 0
+    result = json.loads(out.read_text())
+    assert result["rows"] == [] and result["config"]["complete"] is False
+    assert not list(tmp_path.glob("*.tmp"))
+    assert bench.main(["--quick", "--device", "cpu", "--json", out, "--min-time", "0.01", "--metric", "dot",
+                       "--dtype", "fp32", "--time-limit", "600", "--backend", "torch"]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["complete"] is True and result["config"]["cases_done"] == len(bench.QUICK_SHAPES)
+    assert {tuple(r["shape"]) for r in result["rows"]} == set(bench.QUICK_SHAPES)
+
+
 def test_roofline_of_known_gpus_matches_the_derived_bounds():
     """PERFORMANCE.md derives lower bounds on an H100 SXM (ms); the datasheet table must reproduce them."""
     h100 = roofline.gpu_spec("NVIDIA H100 80GB HBM3")

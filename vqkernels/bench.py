@@ -46,6 +46,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -682,7 +683,10 @@ def write_json(path: Path, machine: dict[str, Any], config: dict[str, Any], rows
         d["stamp"] = stamp
         rows_json.append(d)
     result = {"machine": machine, "config": config, "rows": rows_json, "fastest_backend": fastest_backends(rows)}
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    # written whole to a temporary file, then renamed: a run stopped at any moment leaves the last complete JSON
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -750,6 +754,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small shapes only (for tests): "
                    + " ".join(",".join(map(str, s)) for s in QUICK_SHAPES))
     p.add_argument("--no-check", action="store_true", help="skip the fp64 correctness check")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no new case after this many seconds (the JSON says which cases ran)")
     args = p.parse_args(None if argv is None else [str(a) for a in argv])
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -788,23 +794,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     peaks = roofline.peaks(args.device, tuple(args.dtype))
     machine["roofline"] = peaks.as_json()
     cases = args.cases
+    config = {"shapes": [list(s) for s in args.shapes], "dtypes": args.dtype, "metrics": args.metric,
+              "cases": [[list(s), dt, m] for s, dt, m in cases],
+              "backends": args.backend, "min_time": args.min_time, "check": not args.no_check,
+              "check_rows": CHECK_ROWS, "complete": False}
     rows: list[Row] = []
     bar = _progress(cases, desc="bench")
-    for shape, dtype_name, metric in bar:
+    deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
+    for i, (shape, dtype_name, metric) in enumerate(bar):
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"time limit of {args.time_limit:.0f} s reached: {len(cases) - i} of {len(cases)} cases not run",
+                  file=sys.stderr)
+            break
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{','.join(map(str, shape))} {dtype_name} {metric}")
         rows += run_case(shape, dtype_name, metric, args.device, args.backend, args.min_time,
                          not args.no_check, peaks)
+        if args.json is not None:  # after every case: a run stopped from outside keeps what it measured
+            config["cases_done"] = i + 1
+            write_json(args.json, machine, config, rows)
+    else:
+        config["complete"] = True
     print_table(rows, header_line(machine, args.min_time))
     for case in fastest_backends(rows):
         times = ", ".join(f"{b} {_ms(t)} ms" for b, t in case["median_ms"].items())
         print(f"fastest backend at {','.join(map(str, case['shape']))} {case['dtype']} {case['metric']}: "
               f"{case['fastest']} ({times})")
     if args.json is not None:
-        config = {"shapes": [list(s) for s in args.shapes], "dtypes": args.dtype, "metrics": args.metric,
-                  "cases": [[list(s), dt, m] for s, dt, m in cases],
-                  "backends": args.backend, "min_time": args.min_time, "check": not args.no_check,
-                  "check_rows": CHECK_ROWS}
         write_json(args.json, machine, config, rows)
     if args.plot is not None:
         plot_speedups(rows, args.plot, header_line(machine, args.min_time))
