@@ -25,10 +25,27 @@ def _inputs(n, k, d, dtype=torch.float32, seed=0):
     return x.to(DEV), cb.to(DEV)
 
 
+@pytest.fixture
+def splits_used(monkeypatch):
+    """The split counts the launcher ran with (it may clamp what VQK_TRITON_SPLIT asks for)."""
+    from vqkernels.triton import ops
+
+    seen = []
+    original = ops._search_partials
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out[2])
+        return out
+
+    monkeypatch.setattr(ops, "_search_partials", spy)
+    return seen
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("exact", [False, True])
-def test_split_k_equals_single_pass(metric, exact, monkeypatch):
-    x, cb = _inputs(50, 1000, 24)
+def test_split_k_equals_single_pass(metric, exact, monkeypatch, splits_used):
+    x, cb = _inputs(50, 6000, 24)
     monkeypatch.setenv("VQK_TRITON_SPLIT", "1")
     one = vq.quantize(x, cb, metric=metric, exact=exact, backend="triton")
     for splits in ("3", "16"):
@@ -36,16 +53,18 @@ def test_split_k_equals_single_pass(metric, exact, monkeypatch):
         many = vq.quantize(x, cb, metric=metric, exact=exact, backend="triton")
         assert torch.equal(one.codes, many.codes) and torch.equal(one.dist, many.dist)
         assert torch.equal(one.counts, many.counts) and torch.equal(one.z_q, many.z_q)
+    assert splits_used[0] == 1 and min(splits_used[1:]) >= 3, splits_used
 
 
-def test_split_k_ties_go_to_the_lowest_index(monkeypatch):
-    cb = torch.zeros(300, 4, device=DEV)  # every code is the same: code 0 must win in every split layout
+def test_split_k_ties_go_to_the_lowest_index(monkeypatch, splits_used):
+    cb = torch.zeros(3000, 4, device=DEV)  # every code is the same: code 0 must win in every split layout
     x = torch.randn(20, 4, device=DEV)
     for splits in ("1", "2", "5"):
         monkeypatch.setenv("VQK_TRITON_SPLIT", splits)
         for exact in (False, True):
             codes, _ = vq.nearest_code(x, cb, exact=exact, backend="triton")
             assert bool((codes == 0).all())
+    assert max(splits_used) >= 2, splits_used
 
 
 def test_one_row_and_a_codebook_not_a_power_of_two():
@@ -84,13 +103,14 @@ def test_code_stats_full_collapse_and_dtypes():
 # ---------------------------------------------------------------------------------------------------------------
 # Gumbel-max sampling (CVQ probrandom anchors)
 # ---------------------------------------------------------------------------------------------------------------
-def test_sampling_split_k_is_chunk_invariant(monkeypatch):
-    x, cb = _inputs(500, 12, 6, seed=6)
+def test_sampling_split_k_is_chunk_invariant(monkeypatch, splits_used):
+    x, cb = _inputs(5000, 12, 6, seed=6)  # the input rows are the streamed side of the sampling search
     monkeypatch.setenv("VQK_TRITON_SPLIT", "1")
     one = cvq.sample_anchor_rows(x, cb, "l2", generator=torch.Generator().manual_seed(1), backend="triton")
     monkeypatch.setenv("VQK_TRITON_SPLIT", "4")
     four = cvq.sample_anchor_rows(x, cb, "l2", generator=torch.Generator().manual_seed(1), backend="triton")
     assert torch.equal(one, four)
+    assert splits_used[0] == 1 and splits_used[1] >= 2, splits_used
 
 
 @pytest.mark.parametrize("seed", [0, 1, 0xFFFFFFFF])

@@ -63,7 +63,7 @@ EXACT_CONFIGS: dict[str, TileConfig] = {
     "fp64": TileConfig(32, 32, 16, 4, 1, "as the fast tile"),
 }
 # The interpreter runs each program in numpy: bigger blocks mean fewer Python-level iterations.
-INTERPRETER_CONFIG = TileConfig(256, 512, 128, 1, 1, "interpreter: big numpy blocks, few Python iterations")
+INTERPRETER_CONFIG = TileConfig(512, 1024, 128, 1, 1, "interpreter: big numpy blocks, few Python iterations")
 
 
 @dataclass(frozen=True)
