@@ -4,6 +4,7 @@ that no number in the README is typed by hand.
     python benchmarks/readme_tables.py ops benchmarks/results/cpu-amd-epyc-2core-ops.json [--backend cpu]
     python benchmarks/readme_tables.py layer benchmarks/results/cpu-amd-epyc-2core-layer.json
     python benchmarks/readme_tables.py demo benchmarks/results/demo-cpu.json
+    python benchmarks/readme_tables.py compile benchmarks/results/gpu-compile-triton-3.9.0.json [more.json ...]
 """
 
 from __future__ import annotations
@@ -84,15 +85,34 @@ def demo_table(result: dict) -> str:
     return "\n".join(out)
 
 
+def compile_table(results: list[dict]) -> str:
+    """Per kernel and triton version: variants, max registers and shared memory per arch, failures (from
+    ``python -m vqkernels.triton.gpu_compile --json``)."""
+    out = ["| kernel | triton | variants (sm_80 + sm_90) | max registers (sm_80 / sm_90) | "
+           "max shared memory (sm_80 / sm_90) | spills or failures |", "|---|---|---|---|---|---|"]
+    for result in results:
+        kernels: dict[str, dict[int, list[dict]]] = {}
+        for v in result["variants"]:
+            kernels.setdefault(v["kernel"], {}).setdefault(v["arch"], []).append(v)
+        for name, by_arch in sorted(kernels.items()):
+            a80, a90 = by_arch.get(80, []), by_arch.get(90, [])
+            regs = " / ".join(str(max((v["regs"] for v in a), default=0)) for a in (a80, a90))
+            smem = " / ".join(f"{max((v['shared'] for v in a), default=0) / 1024:.1f} KiB" for a in (a80, a90))
+            bad = sum(bool(v["problems"]) for v in a80 + a90)
+            out.append(f"| `{name}` | {result['triton']} | {len(a80)} + {len(a90)} | {regs} | {smem} | {bad} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("ops", "layer", "demo"))
-    p.add_argument("json", type=Path)
+    p.add_argument("kind", choices=("ops", "layer", "demo", "compile"))
+    p.add_argument("json", type=Path, nargs="+")
     p.add_argument("--backend", default="cpu", help="the backend row of the ops tables (default cpu)")
     args = p.parse_args()
-    result = json.loads(args.json.read_text())
+    results = [json.loads(path.read_text()) for path in args.json]
+    result = results[0]
     tables = {"ops": lambda: ops_tables(result, args.backend), "layer": lambda: layer_table(result),
-              "demo": lambda: demo_table(result)}
+              "demo": lambda: demo_table(result), "compile": lambda: compile_table(results)}
     print(tables[args.kind]())
 
 

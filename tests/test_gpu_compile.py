@@ -81,9 +81,18 @@ def test_the_matrix_reaches_every_kernel_and_every_design_choice(full_check):
         assert {c["BD"] for c in mine} >= {"16"}, dtype  # the D <= 16 tier
     assert any(v["constexprs"]["PRECISION"] == "tf32" for v in search)
     assert {v["dtype"] for v in search if v["constexprs"]["SAMPLE"] == "True"} == {"fp32", "fp64"}
-    # ints equal to 1 (N = K = D = 1, seed 1) were launched
-    tags = {t for v in variants for t in v["tags"]}
-    assert any("N1 K1 D1" in t for t in tags) and any("seed1" in t for t in tags)
+    # the launch matrix: ints equal to 1, seeds 0/1/2^32-1 aside, D from 1 to 4096, split-K forced and chosen,
+    # every candidate count, unaligned and column-major operands
+    from vqkernels.triton import gpu_compile
+
+    cases = gpu_compile.cases()
+    assert any(c.n == 1 and c.k == 1 and c.d == 1 for c in cases)
+    assert {c.seed for c in cases if c.op == "sample"} >= {1, 0xFFFFFFFF}
+    assert min(c.d for c in cases) == 1 and max(c.d for c in cases) >= 4096
+    assert any(c.split is None and c.k >= 4096 and c.n == 1 for c in cases) and any(c.split for c in cases)
+    assert {c.candidates for c in cases if c.exact} == {1, 2, 3, 4}
+    assert {c.layout for c in cases} == {"contiguous", "row-strided", "column-major"}
+    assert {c.op for c in cases} == {"search", "quantize", "code_stats", "sample"}
 
 
 def test_variant_count_does_not_grow_with_shapes(full_check):
