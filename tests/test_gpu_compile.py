@@ -235,3 +235,14 @@ def test_gpu_check_plan_targets_cuda_cases_only(tmp_path):
     assert "--preset" in steps["bench"][0] and "gpu" in steps["bench"][0]
     for f in gpu_check.GPU_SUITES + gpu_check.GPU_FILES:
         assert (ROOT / f).exists(), f
+
+
+def test_readme_compile_table_is_generated_from_the_committed_json():
+    results = sorted((ROOT / "benchmarks" / "results").glob("gpu-compile-triton-*.json"), reverse=True)
+    assert [p.name for p in results] == ["gpu-compile-triton-3.9.0.json", "gpu-compile-triton-3.6.0.json"]
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "compile",
+                            *map(str, results)], capture_output=True, text=True, check=True).stdout.strip()
+    assert table in (ROOT / "README.md").read_text()
+    for path in results:
+        data = json.loads(path.read_text())
+        assert sorted(data["archs"]) == [80, 90] and not any(v["problems"] for v in data["variants"])
