@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from . import __version__, _ext
+from . import _ext
+from ._version import __version__
 from .dispatch import BACKENDS
 
 

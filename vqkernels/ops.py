@@ -1,14 +1,14 @@
-"""Public functional API (METHODS §1): ``nearest_code``, ``quantize``, ``code_stats``.
+"""Public functional API (README "Method" §1): ``nearest_code``, ``quantize``, ``code_stats``, ``sample_code``.
 
-Every backend's implementation is a ``torch.library`` custom op with the same schema:
+Every backend of the table in :mod:`vqkernels.dispatch` implements these four ops as ``torch.library`` ops with
+the same schemas. This module validates arguments (errors name the argument), applies the non-finite policy of
+:mod:`vqkernels.numerics`, picks the backend and calls its op; and it registers, once per op name and for every
+backend in the table, the fake (meta) implementation and the autograd formula of ``quantize``:
+``z_q = codebook[codes]``, so ``dL/dcodebook = code_stats(dL/dz_q, codes).sums``.
 
-- ``vqkernels::nearest_code`` / ``quantize`` / ``code_stats``: C++ (csrc/), CPU today, CUDA later;
-- ``vqkernels::nearest_code_ref`` / ``quantize_ref`` / ``code_stats_ref``: the pure-PyTorch reference;
-- ``vqkernels::nearest_code_triton`` / ``quantize_triton`` / ``code_stats_triton``: Triton (``triton_op``).
-
-They share one fake (meta) implementation per op and one autograd formula: ``z_q = codebook[codes]`` so
-``dL/dcodebook = code_stats(dL/dz_q, codes).sums``. The wrappers below validate arguments (naming the argument),
-pick a backend (:mod:`vqkernels.dispatch`) and call its op.
+It also carries the few numerics the layers build on (``COS_EPS``, :func:`acc_dtype`, :func:`distances`,
+:func:`paired_distances`, :func:`gumbel_noise`, :func:`draw_seed`) and the argument checks they share, so that
+:mod:`vqkernels.nn` needs nothing but this module.
 """
 
 from __future__ import annotations
@@ -17,15 +17,28 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
-from . import _ext, reference
-from . import triton as _triton
-from .dispatch import select
+from . import dispatch, reference  # noqa: F401  (reference: registers the vqkernels::*_ref ops)
+from .numerics import (
+    COS_EPS,
+    FLOAT_DTYPES,
+    METRICS,
+    acc_dtype,
+    check_finite,
+    check_seed,
+    distances,
+    draw_seed,
+    gumbel_noise,
+    paired_distances,
+    seed_to_schema,
+)
 
-__all__ = ["Quantized", "nearest_code", "quantize", "code_stats", "METRICS"]
-
-METRICS = ("l2", "cosine", "dot")
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+__all__ = [
+    "Quantized", "nearest_code", "quantize", "code_stats", "sample_code", "METRICS", "COS_EPS", "acc_dtype",
+    "distances", "paired_distances", "gumbel_noise", "draw_seed", "check_matrix", "check_pair", "check_finite",
+    "resolve_backend",
+]
 
 
 class Quantized(NamedTuple):
@@ -44,43 +57,11 @@ class Quantized(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reference ops (always registered).
-# ---------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("vqkernels::nearest_code_ref", mutates_args=())
-def _nearest_code_ref(x: Tensor, codebook: Tensor, metric: str, exact: bool) -> tuple[Tensor, Tensor]:
-    return reference.search(x, codebook, metric, exact)
-
-
-@torch.library.custom_op("vqkernels::quantize_ref", mutates_args=())
-def _quantize_ref(x: Tensor, codebook: Tensor, metric: str, exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    codes, z_q, dist, counts = reference.quantize(x, codebook, metric, exact)
-    return codes, z_q.clone(), dist, counts  # outputs may not alias inputs (z_q of an N=K identity gather)
-
-
-@torch.library.custom_op("vqkernels::code_stats_ref", mutates_args=())
-def _code_stats_ref(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
-    return reference.code_stats(x, codes, num_codes)
-
-
-# Op names per backend; every backend implements the same three schemas.
-_OP_NAMES: dict[str, tuple[str, str, str]] = {"torch": ("nearest_code_ref", "quantize_ref", "code_stats_ref")}
-if _ext.available():
-    _OP_NAMES["cpu"] = ("nearest_code", "quantize", "code_stats")
-if _ext.with_cuda():  # the same C++ ops, dispatched to csrc/cuda by the tensors' device
-    _OP_NAMES["cuda"] = ("nearest_code", "quantize", "code_stats")
-if _triton.load():  # registers vqkernels::*_triton (triton_op) when triton can run here
-    _OP_NAMES["triton"] = ("nearest_code_triton", "quantize_triton", "code_stats_triton")
-_OPS: dict[str, tuple] = {
-    b: tuple(getattr(torch.ops.vqkernels, n).default for n in names) for b, names in _OP_NAMES.items()
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Fakes: shapes and dtypes only, shared by every backend.
+# Fakes: shapes and dtypes only, one per op name, shared by every backend.
 # ---------------------------------------------------------------------------------------------------------------
 def _fake_nearest_code(x, codebook, metric, exact):
     n = x.shape[0]
-    return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=reference.acc_dtype(x.dtype))
+    return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=acc_dtype(x.dtype))
 
 
 def _fake_quantize(x, codebook, metric, exact):
@@ -90,14 +71,23 @@ def _fake_quantize(x, codebook, metric, exact):
 
 
 def _fake_code_stats(x, codes, num_codes):
-    return (x.new_empty(num_codes, x.shape[1], dtype=reference.acc_dtype(x.dtype)),
+    return (x.new_empty(num_codes, x.shape[1], dtype=acc_dtype(x.dtype)),
             x.new_empty(num_codes, dtype=torch.int64))
+
+
+def _fake_sample_code(x, codebook, metric, seed):
+    return x.new_empty(codebook.shape[0], dtype=torch.int64)
+
+
+_FAKES = {"nearest_code": _fake_nearest_code, "quantize": _fake_quantize, "code_stats": _fake_code_stats,
+          "sample_code": _fake_sample_code}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd of quantize: only z_q is differentiable, and only w.r.t. the codebook (codes are piecewise constant).
+# nearest_code, code_stats and sample_code have no differentiable output.
 # ---------------------------------------------------------------------------------------------------------------
-def _make_quantize_autograd(code_stats_op):
+def _quantize_autograd(code_stats_op):
     def setup_context(ctx, inputs, output):
         _, codebook, _, _ = inputs
         codes, _, dist, counts = output
@@ -116,37 +106,42 @@ def _make_quantize_autograd(code_stats_op):
     return setup_context, backward
 
 
-def _register(backend: str) -> None:
-    if any(_OP_NAMES[b] == _OP_NAMES[backend] for b in list(_OP_NAMES)[:list(_OP_NAMES).index(backend)]):
-        return  # an op shared with an earlier backend (cpu / cuda) is registered once
-    nc, qz, cs = (f"vqkernels::{n}" for n in _OP_NAMES[backend])
-    torch.library.register_fake(nc)(_fake_nearest_code)
-    torch.library.register_fake(qz)(_fake_quantize)
-    torch.library.register_fake(cs)(_fake_code_stats)
-    setup_context, backward = _make_quantize_autograd(_OPS[backend][2])
-    torch.library.register_autograd(qz, backward, setup_context=setup_context)
+def _register_table() -> None:
+    """Fakes and autograd for every op of every backend whose ops are registered here (cpu and cuda share theirs:
+    once per op name)."""
+    done: set[str] = set()
+    for b in dispatch.registered():
+        for op in dispatch.OPS:
+            name = b.op_name(op)
+            if name in done:
+                continue
+            done.add(name)
+            torch.library.register_fake(name)(_FAKES[op])
+            if op == "quantize":
+                setup_context, backward = _quantize_autograd(b.op("code_stats"))
+                torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 
-for _name in _OP_NAMES:
-    _register(_name)
+_register_table()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Argument checks (static metadata only, so they trace under torch.compile).
 # ---------------------------------------------------------------------------------------------------------------
-def _check_matrix(t, name: str) -> None:
+def check_matrix(t, name: str) -> None:
+    """``t`` is a 2-D floating tensor (fp64/fp32/bf16/fp16); errors name ``name``."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if t.dim() != 2:
         raise ValueError(f"{name} must be a 2-D tensor [rows, D]; got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float64/float32/bfloat16/float16; got {t.dtype}")
 
 
-def _check_pair(x, codebook, metric: str, same_dtype: bool = True) -> None:
+def check_pair(x, codebook, metric: str, same_dtype: bool = True) -> None:
     """x ``[N, D]`` and codebook ``[K >= 1, D]``: floating, same D and device (and dtype); a known metric."""
-    _check_matrix(x, "x")
-    _check_matrix(codebook, "codebook")
+    check_matrix(x, "x")
+    check_matrix(codebook, "codebook")
     if same_dtype and x.dtype != codebook.dtype:
         raise TypeError(f"x and codebook must have the same dtype; got {x.dtype} and {codebook.dtype}")
     if x.device != codebook.device:
@@ -160,8 +155,23 @@ def _check_pair(x, codebook, metric: str, same_dtype: bool = True) -> None:
         raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend ``"auto"`` (or the name given) resolves to for ``device`` tensors; raises when it cannot run."""
+    return dispatch.select(backend, device)
+
+
+def _backend(backend: str, device: torch.device, *finite: tuple[Tensor, str]) -> dispatch.Backend:
+    """The selected backend, after the non-finite policy (:mod:`vqkernels.numerics`): backends whose kernels do
+    not check get the check here, in eager mode only (on a GPU it is a host sync)."""
+    b = dispatch.BACKENDS[dispatch.select(backend, device)]
+    if not b.checks_finite and not torch.compiler.is_compiling() and not any(is_fake(t) for t, _ in finite):
+        for t, name in finite:
+            check_finite(t, name)
+    return b
+
+
 def _check_search(x, codebook, metric: str, exact) -> None:
-    _check_pair(x, codebook, metric)
+    check_pair(x, codebook, metric)
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be a bool; got {type(exact).__name__}")
 
@@ -174,11 +184,12 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2", exact: bool
     """Index of, and distance to, the nearest code of every row; never materialises N x K.
 
     Args:
-        x: ``[N, D]`` input vectors (fp64/fp32/bf16/fp16; any strides).
-        codebook: ``[K, D]`` codes, same dtype and device as ``x``.
+        x: ``[N, D]`` input vectors (fp64/fp32/bf16/fp16; any strides; finite).
+        codebook: ``[K, D]`` codes, same dtype and device as ``x`` (finite).
         metric: ``"l2"`` (squared Euclidean), ``"cosine"`` (``1 - cos``) or ``"dot"`` (``-x.c``).
         exact: re-score the candidates within the rounding bound in fp64 so the answer equals the fp64 argmin.
-        backend: ``"auto"``, ``"cpu"`` or ``"torch"`` (see ``python -m vqkernels.info``).
+        backend: ``"auto"`` or a name of ``python -m vqkernels.info``'s table (``cpu``, ``cuda``, ``triton``,
+            ``torch``).
 
     Returns:
         ``(codes, dist)``: int64 ``[N]`` (ties -> lowest index) and fp32 ``[N]`` (fp64 for fp64 inputs).
@@ -188,7 +199,8 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2", exact: bool
         >>> codes, dist = nearest_code(x, cb)
     """
     _check_search(x, codebook, metric, exact)
-    return _OPS[select(backend, x.device)][0](x, codebook, metric, exact)
+    b = _backend(backend, x.device, (codebook, "codebook"), (x, "x"))
+    return b.op("nearest_code")(x, codebook, metric, exact)
 
 
 def quantize(x: Tensor, codebook: Tensor, *, metric: str = "l2", exact: bool = False,
@@ -203,21 +215,22 @@ def quantize(x: Tensor, codebook: Tensor, *, metric: str = "l2", exact: bool = F
         >>> q.z_q.sum().backward()
     """
     _check_search(x, codebook, metric, exact)
-    return Quantized(*_OPS[select(backend, x.device)][1](x, codebook, metric, exact))
+    b = _backend(backend, x.device, (codebook, "codebook"), (x, "x"))
+    return Quantized(*b.op("quantize")(x, codebook, metric, exact))
 
 
 def code_stats(x: Tensor, codes: Tensor, num_codes: int, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Per-code sum of the rows assigned to it, and per-code counts.
 
     Args:
-        x: ``[N, D]`` rows (fp64/fp32/bf16/fp16).
+        x: ``[N, D]`` rows (fp64/fp32/bf16/fp16; any values: the sums are what they are).
         codes: int64 ``[N]`` in ``[0, num_codes)``.
         num_codes: K.
 
     Returns:
         ``(sums, counts)``: fp32 ``[K, D]`` (fp64 for fp64 ``x``) and int64 ``[K]``.
     """
-    _check_matrix(x, "x")
+    check_matrix(x, "x")
     if not isinstance(codes, Tensor):
         raise TypeError(f"codes must be a torch.Tensor; got {type(codes).__name__}")
     if codes.dtype != torch.int64:
@@ -228,4 +241,36 @@ def code_stats(x: Tensor, codes: Tensor, num_codes: int, *, backend: str = "auto
         raise ValueError(f"x and codes must be on the same device; got {x.device} and {codes.device}")
     if isinstance(num_codes, bool) or not isinstance(num_codes, int) or num_codes < 1:
         raise ValueError(f"num_codes must be a positive int; got {num_codes!r}")
-    return _OPS[select(backend, x.device)][2](x, codes, num_codes)
+    return _backend(backend, x.device).op("code_stats")(x, codes, num_codes)
+
+
+def sample_code(x: Tensor, codebook: Tensor, *, metric: str = "l2", seed: int | None = None,
+                backend: str = "auto") -> Tensor:
+    """For every code, a row of ``x`` drawn with ``P(i) ~ exp(-d(x_i, c_k))``; never materialises N x K.
+
+    Gumbel-max turns the draw into a search: ``i_k = argmin_i (d(x_i, c_k) - g_ik)`` with ``g_ik ~ Gumbel(0, 1)``
+    from a counter-based generator keyed on ``(seed, k, i)`` (README "Method" §1), added in the search's
+    epilogue. The noise depends on nothing but the seed and the two indices, so a seed gives the same rows on
+    every backend, block size and split (up to the rounding of the distances on near-ties). For cosine the
+    weights are ``exp(cos(x_i, c_k))`` (the distance's constant 1 cancels), for dot ``exp(x_i . c_k)``. This is
+    CVQ-VAE's "probrandom" anchor sampling (Zheng & Vedaldi 2023, §3.2).
+
+    Args:
+        x: ``[N >= 1, D]`` rows to draw from (finite).
+        codebook: ``[K, D]`` codes, same dtype and device as ``x`` (finite).
+        metric: ``"l2"``, ``"cosine"`` or ``"dot"``.
+        seed: an int in ``[0, 2^64)``; None draws one from torch's default CPU generator.
+        backend: as for :func:`nearest_code`.
+
+    Returns:
+        int64 ``[K]``: the row drawn for each code.
+
+    Example:
+        >>> rows = sample_code(torch.randn(1000, 64), torch.randn(512, 64), seed=0)
+    """
+    check_pair(x, codebook, metric)
+    seed = draw_seed() if seed is None else check_seed(seed)
+    if x.shape[0] == 0:
+        raise ValueError("x must hold at least one row to sample from; got N = 0")
+    b = _backend(backend, x.device, (codebook, "codebook"), (x, "x"))
+    return b.op("sample_code")(x, codebook, metric, seed_to_schema(seed))

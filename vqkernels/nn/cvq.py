@@ -21,16 +21,12 @@ Every function except :func:`contrastive_loss` runs under ``torch.no_grad()``. A
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..dispatch import select
-from ..ops import _check_matrix, nearest_code
-from ..ops import _check_pair as _check_pair_op
-from ..reference import COS_EPS
+from .. import ops
+from ..ops import COS_EPS, check_matrix, gumbel_noise, nearest_code
 
 __all__ = [
     "update_usage_ema",
@@ -44,9 +40,6 @@ __all__ = [
     "contrastive_loss",
     "gumbel_noise",
 ]
-
-_U32 = 0xFFFFFFFF
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # argument checks
@@ -68,7 +61,7 @@ def _check_vector(t, name: str, length: int | None = None) -> None:
 def _check_pair(x, codebook, metric) -> None:
     """x ``[N, D]`` and codebook ``[K >= 1, D]`` (dtypes may differ): floating, same D and device; a known
     metric."""
-    _check_pair_op(x, codebook, metric, same_dtype=False)
+    ops.check_pair(x, codebook, metric, same_dtype=False)
 
 
 def _check_generator(generator) -> None:
@@ -144,8 +137,8 @@ def apply_anchor_update(codebook: Tensor, anchors: Tensor, alpha: Tensor) -> Non
         anchors: ``[K, D]`` one anchor per code (any float dtype).
         alpha: ``[K]`` per-code decay from :func:`anchor_alpha`.
     """
-    _check_matrix(codebook, "codebook")
-    _check_matrix(anchors, "anchors")
+    check_matrix(codebook, "codebook")
+    check_matrix(anchors, "anchors")
     if anchors.shape != codebook.shape:
         raise ValueError(f"anchors must have the codebook's shape {tuple(codebook.shape)}; got "
                          f"{tuple(anchors.shape)}")
@@ -181,69 +174,6 @@ def closest_anchors(x: Tensor, codebook: Tensor, metric: str = "l2", backend: st
 # ---------------------------------------------------------------------------------------------------------------
 # §3.2 anchors: "probrandom" (Gumbel-max sampling, METHODS §1)
 # ---------------------------------------------------------------------------------------------------------------
-def _i32(c: int) -> int:
-    """The int32 with the same 32 bits as the unsigned constant ``c``."""
-    c &= _U32
-    return c - (1 << 32) if c >= (1 << 31) else c
-
-
-def _lsr(v: Tensor, s: int) -> Tensor:
-    """Logical right shift of int32 bit patterns (``>>`` on int32 is arithmetic)."""
-    return (v >> s) & ((1 << (32 - s)) - 1)
-
-
-# 3-round xorshift-multiply mixer (the public-domain "triple32" of C. Wellons' hash-prospector): a bijection
-# on 32-bit words with near-ideal avalanche. It runs on int32 bit patterns; products wrap modulo 2^32 as on
-# every torch backend (two's complement), which is exactly the unsigned arithmetic of the C original.
-_MIX_ROUNDS = ((17, _i32(0xED5AD4BB)), (11, _i32(0xAC4C1B51)), (15, _i32(0x31848BAB)))
-
-
-def _mix32(v: Tensor) -> Tensor:
-    for shift, mult in _MIX_ROUNDS:
-        v = v ^ _lsr(v, shift)
-        v = v * mult
-    return v ^ _lsr(v, 14)
-
-
-def _index_keys(idx: Tensor, salt: int) -> Tensor:
-    """int32 key per index: ``mix(idx ^ salt)``."""
-    return _mix32(idx.to(torch.int32) ^ _i32(salt))
-
-
-def _gumbel_from_keys(code_keys: Tensor, row_keys: Tensor, dtype: torch.dtype) -> Tensor:
-    """Gumbel(0, 1) noise ``[codes, rows]`` for the pairs of per-code and per-row keys: ``mix(q_k ^ r_i)``."""
-    h = _mix32(code_keys[:, None] ^ row_keys[None, :])
-    # top 23 bits -> u = (m + 1/2) 2^-23 in (0, 1), exact in fp32 (so u < 1 and -log(u) > 0);
-    # the Gumbel tails are cut where their mass is ~6e-8
-    u = (_lsr(h, 9).to(dtype) + 0.5) * (2.0 ** -23)
-    return u.log_().neg_().log_().neg_()
-
-
-def gumbel_noise(seed: tuple[int, int], rows: Tensor, codes: Tensor,
-                 dtype: torch.dtype = torch.float32) -> Tensor:
-    """Counter-based Gumbel(0, 1) noise ``g[k, i]`` keyed on ``(seed, codes[k], rows[i])`` (METHODS §1).
-
-    ``g = -log(-log(u))``, ``u`` from the top 23 bits of ``mix(mix(k ^ s_code) ^ mix(i ^ s_row))`` with
-    ``mix`` a 32-bit integer hash. A value depends only on the seed and its two indices, never on how the
-    N x K grid is cut into blocks, so any chunking (or a fused kernel's epilogue) regenerates the same noise.
-
-    Args:
-        seed: ``(s_code, s_row)``, two ints in ``[0, 2^32)``.
-        rows, codes: int64 index vectors (< 2^31), on one device.
-        dtype: fp32 or fp64.
-    Returns:
-        ``[len(codes), len(rows)]`` noise (codes major, as the blocks of :func:`sample_anchor_rows`).
-    """
-    s_code, s_row = seed
-    return _gumbel_from_keys(_index_keys(codes, s_code), _index_keys(rows, s_row), dtype)
-
-
-def _draw_seed(generator: torch.Generator | None) -> tuple[int, int]:
-    dev = generator.device if generator is not None else torch.device("cpu")
-    s = torch.randint(0, 1 << 32, (2,), generator=generator, device=dev, dtype=torch.int64)
-    return tuple(s.tolist())
-
-
 def _prepare_rows(x: Tensor, metric: str, acc: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """x in ``acc`` (unit rows for cosine) and, for l2, its squared norms."""
     xa = x.to(acc)
@@ -265,65 +195,31 @@ def _similarity_block(c: Tensor, xa: Tensor, xsq: Tensor | None, metric: str) ->
     return dot
 
 
-def _blocks(n: int, k: int, chunk_elems: int) -> tuple[int, int]:
-    """(codes, rows) per block so that codes x rows <= chunk_elems (at least 1 x 1)."""
-    kb = min(k, max(1, chunk_elems // max(n, 1)))
-    rb = min(n, max(1, chunk_elems // kb))
-    return kb, rb
-
-
 @torch.no_grad()
 def sample_anchor_rows(x: Tensor, codebook: Tensor, metric: str = "l2",
                        generator: torch.Generator | None = None, chunk_elems: int = 1 << 22,
                        backend: str = "auto") -> Tensor:
-    """Per code ``k`` a row index ``i ~ softmax_i(-d(x_i, c_k))`` (CVQ §3.2 "probrandom"; METHODS §1, §3.3).
+    """Per code ``k`` a row index ``i ~ softmax_i(-d(x_i, c_k))`` (CVQ §3.2 "probrandom").
 
-    For cosine that is ``softmax_i(cos(x_i, c_k))`` (the constant 1 of ``d = 1 - cos`` cancels), for dot
-    ``softmax_i(x_i . c_k)``. Gumbel-max turns sampling into a search: ``i = argmin_i (d_ik - g_ik)`` with
-    ``g_ik ~ Gumbel(0, 1)`` from :func:`gumbel_noise`, keyed on a seed drawn from ``generator`` (two 32-bit
-    draws; the default CPU generator when None) and on ``(i, k)``. The grid is walked in ``codes x rows``
-    blocks of at most ``chunk_elems`` elements, and the samples do not depend on ``chunk_elems`` (up to the
-    rounding of the distances on exact near-ties).
+    :func:`vqkernels.sample_code` (Gumbel-max in the search's epilogue) with a seed of two 32-bit draws from
+    ``generator`` (the default CPU generator when None). ``x`` and ``codebook`` may differ in dtype: both are
+    taken in the wider one (fp32, fp64 if either is fp64). ``chunk_elems`` is accepted for compatibility: the op
+    bounds its own blocks, and the samples never depended on it.
 
     Args:
         x: ``[N >= 1, D]`` batch rows.
-        codebook: ``[K, D]`` codes (any float dtype; the arithmetic is fp32, fp64 if either input is fp64).
-        backend: ``"triton"`` (and ``"auto"`` on CUDA tensors with triton) runs the fused kernel, whose epilogue
-            adds the same noise; the other backends walk the blocks in PyTorch.
+        codebook: ``[K, D]`` codes.
     Returns:
         int64 ``[K]`` row indices into ``x``.
     """
     _check_pair(x, codebook, metric)
     _check_generator(generator)
-    chunk_elems = _check_chunk(chunk_elems)
-    n, k = x.shape[0], codebook.shape[0]
-    if n == 0:
+    _check_chunk(chunk_elems)
+    if x.shape[0] == 0:
         raise ValueError("x must hold at least one row to sample anchors from; got N = 0")
     acc = _acc(x.dtype, codebook.dtype)
-    dev = x.device
-    s_code, s_row = _draw_seed(generator)
-    if select(backend, dev) == "triton":
-        return torch.ops.vqkernels.gumbel_argmin_triton(x, codebook, metric, s_code, s_row)
-    xa, xsq = _prepare_rows(x, metric, acc)
-    ca = codebook.to(acc)
-    row_keys = _index_keys(torch.arange(n, device=dev), s_row)
-    code_keys = _index_keys(torch.arange(k, device=dev), s_code)
-    out = torch.empty(k, dtype=torch.int64, device=dev)
-    kb, rb = _blocks(n, k, chunk_elems)
-    for k0 in range(0, k, kb):
-        c = ca[k0:k0 + kb]
-        best = torch.full((c.shape[0],), math.inf, dtype=acc, device=dev)
-        arg = torch.zeros(c.shape[0], dtype=torch.int64, device=dev)
-        for r0 in range(0, n, rb):
-            # argmax_i (s_ik + g_ik) == argmin_i (d_ik - g_ik): d = -s (l2, dot) or 1 - s (cosine)
-            key = _similarity_block(c, xa[r0:r0 + rb], None if xsq is None else xsq[r0:r0 + rb], metric)
-            key = key.add_(_gumbel_from_keys(code_keys[k0:k0 + kb], row_keys[r0:r0 + rb], acc)).neg_()
-            val, idx = key.min(1)  # first minimum within the block
-            better = val < best  # strict: earlier blocks (lower rows) win ties
-            best = torch.where(better, val, best)
-            arg = torch.where(better, idx + r0, arg)
-        out[k0:k0 + kb] = arg
-    return out
+    return ops.sample_code(x.to(acc), codebook.to(acc), metric=metric, seed=ops.draw_seed(generator),
+                           backend=backend)
 
 
 @torch.no_grad()
@@ -337,7 +233,7 @@ def probrandom_anchors(x: Tensor, codebook: Tensor, metric: str = "l2",
 # §3.2 anchors: "random" (a pool of recent batch rows)
 # ---------------------------------------------------------------------------------------------------------------
 def _check_pool(pool, filled) -> None:
-    _check_matrix(pool, "pool")
+    check_matrix(pool, "pool")
     if pool.shape[0] == 0:
         raise ValueError("pool must hold at least one row; got K = 0")
     if not isinstance(filled, Tensor):
@@ -366,7 +262,7 @@ def update_feature_pool(pool: Tensor, filled: Tensor, x: Tensor,
     ``N = 0`` is a no-op. No host-device synchronisation.
     """
     _check_pool(pool, filled)
-    _check_matrix(x, "x")
+    check_matrix(x, "x")
     _check_generator(generator)
     if x.shape[1] != pool.shape[1]:
         raise ValueError(f"x and pool must have the same D; got x {tuple(x.shape)} and pool "

@@ -19,9 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .. import reference
-from ..dispatch import select
-from ..ops import code_stats, nearest_code
+from ..ops import COS_EPS, acc_dtype, check_finite, code_stats, distances, nearest_code, paired_distances, resolve_backend
 
 __all__ = ["KMeansResult", "kmeans", "kmeans_plusplus"]
 
@@ -58,7 +56,7 @@ def _check_common(x, num_codes, metric, generator, backend) -> int:
         raise TypeError(f"x must be a floating-point tensor; got {x.dtype}")
     if x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"x must have N >= 1 rows and D >= 1 columns; got shape {tuple(x.shape)}")
-    reference.check_finite(x, "x")
+    check_finite(x, "x")
     if isinstance(num_codes, bool):
         raise TypeError("num_codes must be an int; got bool")
     try:
@@ -71,17 +69,17 @@ def _check_common(x, num_codes, metric, generator, backend) -> int:
         raise ValueError(f"metric must be one of {KMEANS_METRICS}; got {metric!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
-    select(backend, x.device)  # raises for an unknown / unavailable backend
+    resolve_backend(backend, x.device)  # raises for an unknown / unavailable backend
     return k
 
 
 def _acc(x: Tensor) -> Tensor:
     """Working copy: fp64 for fp64 inputs, else fp32 (exact for bf16/fp16), contiguous."""
-    return x.detach().to(reference.acc_dtype(x.dtype)).contiguous()
+    return x.detach().to(acc_dtype(x.dtype)).contiguous()
 
 
 def _unit(t: Tensor) -> Tensor:
-    return t / t.norm(dim=1, keepdim=True).clamp_min(reference.COS_EPS)
+    return t / t.norm(dim=1, keepdim=True).clamp_min(COS_EPS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,15 +147,10 @@ def _make_distinct(c: Tensor, out_dtype: torch.dtype, scale: Tensor, generator, 
 # ---------------------------------------------------------------------------------------------------------------
 # k-means++ (Arthur & Vassilvitskii 2007)
 # ---------------------------------------------------------------------------------------------------------------
-def _dist_rows(xs: Tensor, xn2: Tensor, seeds: Tensor, metric: str) -> Tensor:
-    """Distances ``[L, N]`` of the working rows to ``L`` seeds (one small GEMM; ``xn2`` = squared row norms).
-
-    l2: ``|x|^2 - 2 x.s + |s|^2`` clamped at 0; cosine (unit rows): ``1 - x.s``, clamped at 0.
-    """
-    dot = seeds @ xs.T
-    if metric == "cosine":
-        return (1 - dot).clamp_min_(0)
-    return (xn2 + (seeds * seeds).sum(1, keepdim=True)).sub_(dot, alpha=2).clamp_min_(0)
+def _dist_rows(xs: Tensor, seeds: Tensor, metric: str) -> Tensor:
+    """Distances ``[L, N]`` of ``L`` seeds to the working rows (one small GEMM, :func:`vqkernels.ops.distances`),
+    clamped at 0 (so they can weight a draw): squared Euclidean for l2, ``1 - cos`` for cosine."""
+    return distances(seeds, xs, metric).clamp_min_(0)
 
 
 def _seed_with_replacement(xs: Tensor, k: int, generator) -> Tensor:
@@ -180,11 +173,10 @@ def _kmeanspp_idx(xs: Tensor, k: int, metric: str, generator, local_trials: int 
     """
     n = xs.shape[0]
     trials = 2 + int(math.log(k)) if local_trials is None else local_trials
-    xn2 = (xs * xs).sum(1)
     idx = torch.empty(k, dtype=torch.int64, device=xs.device)
     i = int(_randint(n, 1, generator, xs.device))
     idx[0] = i
-    mind = _dist_rows(xs, xn2, xs[i:i + 1], metric)[0]
+    mind = _dist_rows(xs, xs[i:i + 1], metric)[0]
     mind[i] = 0
     for j in range(1, k):
         w = mind.to(torch.float64)
@@ -192,7 +184,7 @@ def _kmeanspp_idx(xs: Tensor, k: int, metric: str, generator, local_trials: int 
             cand = _multinomial(w, trials, generator, replacement=True)
         else:  # every row coincides with a seed: uniform (duplicated centroids are separated later)
             cand = _randint(n, 1, generator, xs.device)
-        d = torch.minimum(_dist_rows(xs, xn2, xs[cand], metric), mind)  # [L, N]
+        d = torch.minimum(_dist_rows(xs, xs[cand], metric), mind)  # [L, N]
         best = int(d.sum(1, dtype=torch.float64).argmin()) if cand.numel() > 1 else 0
         i = int(cand[best])
         idx[j] = i
@@ -242,7 +234,7 @@ def _inertia(xs: Tensor, c: Tensor, codes: Tensor, metric: str) -> float:
     total = 0.0
     step = max(1, _CHUNK_ELEMS // xs.shape[1])
     for r0 in range(0, xs.shape[0], step):
-        total += float(reference.exact_distance(xs[r0:r0 + step], c[codes[r0:r0 + step]], metric).sum())
+        total += float(paired_distances(xs[r0:r0 + step], c[codes[r0:r0 + step]], metric).sum())
     return total
 
 

@@ -1,4 +1,4 @@
-"""The Triton backend: fused search + gather + histogram, split-K, exact mode, Gumbel-max sampling and
+"""The Triton backend: fused search + gather + histogram, split-K, exact mode, ``sample_code`` (Gumbel-max) and
 ``code_stats`` (kernels in :mod:`.kernels`, ``torch.library.triton_op`` launchers in :mod:`.ops`).
 
 It runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before triton is imported (the
@@ -39,17 +39,15 @@ def load() -> bool:
     return _loaded
 
 
-def why_not() -> str | None:
-    """None when the backend can run here, else the reason."""
-    if not load():
-        return load_error
-    if not interpreting() and not torch.cuda.is_available():
-        return "no CUDA device is visible (TRITON_INTERPRET=1 runs the kernels on CPU tensors)"
-    return None
+def build_why_not() -> str | None:
+    """None when the ``vqkernels::*_triton`` ops are registered in this process, else the reason."""
+    return None if load() else load_error
 
 
 def device_why_not(device_type: str) -> str | None:
-    """Why tensors of ``device_type`` cannot use this backend (None when they can)."""
+    """Why ``device_type`` tensors cannot use this backend although its ops are registered (None when they can)."""
     if device_type == "cpu" and not interpreting():
         return "the triton backend runs CPU tensors only under TRITON_INTERPRET=1"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible (TRITON_INTERPRET=1 runs the kernels on CPU tensors)"
     return None

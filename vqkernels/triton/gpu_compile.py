@@ -327,7 +327,7 @@ def cases(quick: bool = False) -> list[Case]:
                 if dtype == "float32":
                     out.append(Case("search", dtype, metric, d, tf32=True))
             out.append(Case("code_stats", dtype, "l2", d))
-            if dtype in ("float32", "float64"):  # sampling runs in fp32 / fp64
+            if dtype in ("float32", "float64"):  # sampling runs in fp32 / fp64 (bf16 / fp16 rows are upcast)
                 for metric in METRICS:
                     out.append(Case("sample", dtype, metric, d, seed=1))
         # split-K with the launcher's own split choice (1 row, many codes), and forced splits
@@ -398,7 +398,9 @@ def launch(case: Case) -> None:
         elif case.op == "code_stats":
             ops.code_stats_triton(x, torch.randint(0, case.k, (case.n,), generator=g), case.k)
         elif case.op == "sample":
-            ops.gumbel_argmin_triton(x, cb, case.metric, case.seed, case.seed)
+            from ..numerics import join_seed, seed_to_schema
+
+            ops.sample_code_triton(x, cb, case.metric, seed_to_schema(join_seed(case.seed, case.seed)))
         else:
             raise ValueError(f"unknown op {case.op!r}")
 

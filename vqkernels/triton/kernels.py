@@ -15,7 +15,7 @@
   costs N / BR atomics per element instead of N.
 
 Argmin key of code k for row x: ``fma(x . c_k, w_k, o_k)`` with (w, o) = (-2, sum_d c_kd^2) for l2,
-(-1 / max(|c_k|, eps), 0) for cosine and (-1, 0) for dot (``vqkernels.reference.key_terms``, the one definition
+(-1 / max(|c_k|, eps), 0) for cosine and (-1, 0) for dot (``vqkernels.numerics.key_terms``, the one definition
 every backend uses); the per-row term of the distance is added back at the end.
 
 Compiled-GPU rules these kernels follow (the interpreter checks none of them; ``vqkernels.triton.gpu_compile``
@@ -35,6 +35,19 @@ compiles every variant for sm_80 and sm_90):
 
 import triton
 import triton.language as tl
+
+from .. import numerics
+
+# The numerics of vqkernels.numerics as constexpr globals (the only module globals compiled Triton accepts), so the
+# kernels repeat no literal of theirs.
+COS_EPS = tl.constexpr(numerics.COS_EPS)
+MIX_S0 = tl.constexpr(numerics.MIX_ROUNDS[0][0])
+MIX_M0 = tl.constexpr(numerics.MIX_ROUNDS[0][1])
+MIX_S1 = tl.constexpr(numerics.MIX_ROUNDS[1][0])
+MIX_M1 = tl.constexpr(numerics.MIX_ROUNDS[1][1])
+MIX_S2 = tl.constexpr(numerics.MIX_ROUNDS[2][0])
+MIX_M2 = tl.constexpr(numerics.MIX_ROUNDS[2][1])
+MIX_LAST = tl.constexpr(numerics.MIX_LAST_SHIFT)
 
 # Metric codes (constexpr METRIC): 0 = l2, 1 = cosine, 2 = dot. Index sentinel of empty top-T slots: int32 max.
 
@@ -78,22 +91,22 @@ def _div_rn(a, b):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Counter-based Gumbel noise: the same 32-bit mixer as vqkernels.nn.cvq (_MIX_ROUNDS), on uint32.
+# Counter-based Gumbel noise: vqkernels.numerics.gumbel_noise (the same mixer, on uint32).
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _mix32(v):
-    v = v ^ (v >> 17)
-    v = v * tl.full(v.shape, 0xED5AD4BB, tl.uint32)
-    v = v ^ (v >> 11)
-    v = v * tl.full(v.shape, 0xAC4C1B51, tl.uint32)
-    v = v ^ (v >> 15)
-    v = v * tl.full(v.shape, 0x31848BAB, tl.uint32)
-    return v ^ (v >> 14)
+    v = v ^ (v >> MIX_S0)
+    v = v * tl.full(v.shape, MIX_M0, tl.uint32)
+    v = v ^ (v >> MIX_S1)
+    v = v * tl.full(v.shape, MIX_M1, tl.uint32)
+    v = v ^ (v >> MIX_S2)
+    v = v * tl.full(v.shape, MIX_M2, tl.uint32)
+    return v ^ (v >> MIX_LAST)
 
 
 @triton.jit
 def _gumbel(row_idx, col_idx, seed_row, seed_col, dtype: tl.constexpr):
-    """Gumbel(0, 1) ``[BM, BN]`` keyed on (seed, search row, search column) as vqkernels.nn.cvq.gumbel_noise,
+    """Gumbel(0, 1) ``[BM, BN]`` keyed on (seed, search row, search column) as vqkernels.numerics.gumbel_noise,
     where the search rows are the codes (``seed_row`` = the code seed) and the columns the input rows."""
     rk = _mix32(row_idx.to(tl.uint32) ^ seed_row.to(tl.uint32))
     ck = _mix32(col_idx.to(tl.uint32) ^ seed_col.to(tl.uint32))
@@ -324,7 +337,7 @@ def finalize_kernel(
     if metric == 0:
         dist = tl.maximum(xsq + key0, 0.0)
     elif metric == 1:
-        dist = 1.0 + _div_rn(key0, tl.maximum(_sqrt_rn(xsq), 1e-12))
+        dist = 1.0 + _div_rn(key0, tl.maximum(_sqrt_rn(xsq), COS_EPS))
     tl.store(CODES + rows, code.to(tl.int64), mask=rmask)
     tl.store(DIST + rows, dist, mask=rmask)
     if gather != 0:
@@ -502,7 +515,7 @@ def code_stats_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 def sum_squares_kernel(C, SQ, K, D, stride_cn, BK: tl.constexpr, BD: tl.constexpr):
     """``SQ[k] = sum_d C[k, d]^2`` in fp64 from the stored values (features contiguous): the code-norm term of
-    every key (``vqkernels.reference.key_terms`` turns it into (w, o) and the norms)."""
+    every key (``vqkernels.numerics.key_terms`` turns it into (w, o) and the norms)."""
     codes = tl.program_id(0) * BK + tl.arange(0, BK)
     cm = codes < K
     crow = _rows64(codes, stride_cn)

@@ -1,13 +1,15 @@
 """Launchers of the Triton kernels, registered with ``torch.library.triton_op`` so ``torch.compile`` sees them.
 
-Ops (same schemas as every other backend; fakes and autograd are registered by :mod:`vqkernels.ops`):
-``vqkernels::nearest_code_triton``, ``quantize_triton``, ``code_stats_triton``, and
-``gumbel_argmin_triton(x, codebook, metric, seed_code, seed_row) -> [K]`` (CVQ's probrandom sampling).
+Ops (the schemas of every backend; fakes and autograd are registered by :mod:`vqkernels.ops` from the backend
+table): ``vqkernels::nearest_code_triton``, ``quantize_triton``, ``code_stats_triton``, ``sample_code_triton``.
+Numerics (key terms, the exact-mode bound, the candidate count, the Gumbel noise) follow
+:mod:`vqkernels.numerics`; the non-finite check is :mod:`vqkernels.ops`'s (eager mode only).
 
 Tiles come from :data:`SEARCH_CONFIGS`, a table with the reason for each entry (the first entry of a dtype's list
 is used; the others are the candidates to time on a GPU). Environment knobs for tests and tuning:
 ``VQK_TRITON_SPLIT`` (number of code splits; default: enough programs to fill the GPU twice) and
-``VQK_TRITON_EXACT_CANDIDATES`` (candidates per row that exact mode re-scores in fp64, 1-4, default 4).
+``VQK_TRITON_EXACT_CANDIDATES`` (candidates per row that exact mode re-scores in fp64, 1 to
+``numerics.EXACT_CANDIDATES``; fewer force the re-scan path in tests).
 """
 
 from __future__ import annotations
@@ -21,11 +23,9 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from .. import reference
+from .. import numerics
+from ..numerics import COS_EPS, EXACT_CANDIDATES, acc_dtype, metric_code
 from . import interpreting, kernels
-
-_METRIC = {"l2": 0, "cosine": 1, "dot": 2}
-COS_EPS = reference.COS_EPS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,10 +140,6 @@ def _num_splits(n: int, k: int, cfg: TileConfig, device: torch.device) -> int:
     return max(1, min(triton.cdiv(target, row_programs), triton.cdiv(k, 4 * cfg.bn), max_splits))
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _precision(dtype: torch.dtype, exact: bool) -> str:
     if dtype == torch.float32 and not exact and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"  # the same-precision torch matmul would use tf32 too
@@ -153,13 +149,6 @@ def _precision(dtype: torch.dtype, exact: bool) -> str:
 def _eager(*tensors: Tensor) -> bool:
     """True outside tracing: value checks that sync with the device run only then."""
     return not torch.compiler.is_compiling() and not any(is_fake(t) for t in tensors)
-
-
-def _check_finite(checks: list[tuple[Tensor, str]]) -> None:
-    """METHODS §1 forbids NaN/Inf in the inputs; the check syncs, so it runs in eager mode only."""
-    if _eager(*(t for t, _ in checks)):
-        for t, name in checks:
-            reference.check_finite(t, name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,7 +187,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def sum_squares(cols: Tensor) -> Tensor:
-    """``[K]`` fp64 ``sum_d c_kd^2`` by one kernel (:func:`vqkernels.reference.sum_squares`)."""
+    """``[K]`` fp64 ``sum_d c_kd^2`` by one kernel (:func:`vqkernels.numerics.sum_squares`)."""
     k, d = cols.shape
     sq = torch.empty(k, dtype=torch.float64, device=cols.device)
     if k == 0:
@@ -211,8 +200,8 @@ def sum_squares(cols: Tensor) -> Tensor:
 
 
 def key_terms(cols: Tensor, metric: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(w [K], o [K], cnorm64 [K])``: :func:`vqkernels.reference.key_terms` on the kernel's sums of squares."""
-    return reference.key_terms(cols, metric, sq=sum_squares(cols))
+    """``(w [K], o [K], cnorm64 [K])``: :func:`vqkernels.numerics.key_terms` on the kernel's sums of squares."""
+    return numerics.key_terms(cols, metric, sq=sum_squares(cols))
 
 
 def _search_partials(rows: Tensor, cols: Tensor, metric: str, t: int, exact: bool,
@@ -221,7 +210,7 @@ def _search_partials(rows: Tensor, cols: Tensor, metric: str, t: int, exact: boo
     n, d = rows.shape
     k = cols.shape[0]
     _check_extent(n, k)
-    acc = _acc(rows.dtype)
+    acc = acc_dtype(rows.dtype)
     cfg = _config(rows.dtype, d, t)
     s = _num_splits(n, k, cfg, rows.device)
     per_split = triton.cdiv(triton.cdiv(k, s), cfg.bn) * cfg.bn
@@ -234,7 +223,7 @@ def _search_partials(rows: Tensor, cols: Tensor, metric: str, t: int, exact: boo
         # for l2 (= o of the rows)
         rs = -rw if metric == "cosine" else torch.ones(n, dtype=acc, device=rows.device)
         rt = ro if metric == "l2" else torch.zeros(n, dtype=acc, device=rows.device)
-        seed_row, seed_col = (_i32(v) for v in sample)
+        seed_row, seed_col = (_i32(v) for v in sample)  # (s_code, s_row): the search rows are the codes
     else:
         rs, rt, seed_row, seed_col = w, o, 0, 0
     pv = torch.empty((s, n, tp), dtype=acc, device=rows.device)
@@ -253,13 +242,15 @@ def _search_partials(rows: Tensor, cols: Tensor, metric: str, t: int, exact: boo
     return pv, pi, s, cnorm
 
 
-EXACT_LIST = 4  # exact mode's search keeps the best 4 (key, code) per row
+EXACT_LIST = 4  # the kernels' top lists hold 4 (key, code) pairs per row (kernels._insert4)
+assert EXACT_CANDIDATES == EXACT_LIST, "the Triton kernels keep exactly numerics.EXACT_CANDIDATES candidates"
 
 
 def exact_candidates() -> int:
-    """Candidates per row that exact mode re-scores in fp64 (``VQK_TRITON_EXACT_CANDIDATES``, 1-4, default 4;
-    rows with more codes inside the rounding bound are re-scanned). The search always keeps the best 4, whose
-    first T are the best T: one compiled variant serves every T."""
+    """Candidates per row that exact mode re-scores in fp64 (``numerics.EXACT_CANDIDATES``; fewer with
+    ``VQK_TRITON_EXACT_CANDIDATES`` to force the re-scan path; rows with more codes inside the rounding bound are
+    re-scanned). The search always keeps the best 4, whose first T are the best T: one compiled variant serves
+    every T."""
     return _env_int("VQK_TRITON_EXACT_CANDIDATES", EXACT_LIST, 1, EXACT_LIST)
 
 
@@ -267,7 +258,7 @@ def _finalize(x: Tensor, codebook: Tensor, metric: str, exact: bool, gather: boo
     """Search + finalize: ``(codes, z_q or None, dist, counts or None)``."""
     n, d = x.shape
     k = codebook.shape[0]
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     codes = torch.empty(n, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, dtype=acc, device=x.device)
     zq = torch.empty((n, d), dtype=codebook.dtype, device=x.device) if gather else None
@@ -286,7 +277,7 @@ def _finalize(x: Tensor, codebook: Tensor, metric: str, exact: bool, gather: boo
         wrap_triton(kernel)[grid](
             # without gather, stand-ins of the same types (never touched) keep one compiled variant for both ops
             x, codebook, pv, pi, codes, dist, zq if gather else codebook, counts if gather else codes,
-            n, d, s, x.stride(0), codebook.stride(0), _METRIC[metric], int(gather),
+            n, d, s, x.stride(0), codebook.stride(0), metric_code(metric), int(gather),
             ACC_FP64=acc == torch.float64, BM=f.bm, BD=f.bd, num_warps=warps, num_stages=1,
         )
         return codes, zq, dist, counts
@@ -297,18 +288,16 @@ def _finalize(x: Tensor, codebook: Tensor, metric: str, exact: bool, gather: boo
         rxn = 1.0 / torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).clamp_min(COS_EPS)
     else:  # unread stand-ins of the same types (one compiled variant for every metric)
         rcn, rxn = cnorm, torch.empty(1, dtype=torch.float64, device=x.device)
-    # rounding bound of the fast key (2x the classic gamma_D, and 2x again for the MMA's accumulation order)
-    u = 2.0 ** -53 if x.dtype == torch.float64 else 2.0 ** -24
-    gamma = 4.0 * (d + 4) * u
+    gamma = numerics.exact_gamma(d, x.dtype)
     flag = torch.empty(n, dtype=torch.int8, device=x.device)
     kernel = kernels.exact_kernel if aligned else kernels.exact_kernel_any
     wrap_triton(kernel)[grid](
         x, codebook, pv, pi, rxn, rcn, cmax, codes, dist, flag, n, k, d, s, x.stride(0), codebook.stride(0), gamma,
-        _METRIC[metric], exact_candidates(),
+        metric_code(metric), exact_candidates(),
         TP=top, ACC_FP64=acc == torch.float64, BM=f.bm, BD=f.bd, BDX=f.bdx, num_warps=warps, num_stages=1,
     )
     wrap_triton(kernels.rescan_kernel)[grid](
-        x, codebook, rxn, rcn, codes, dist, flag, n, k, d, x.stride(0), codebook.stride(0), _METRIC[metric],
+        x, codebook, rxn, rcn, codes, dist, flag, n, k, d, x.stride(0), codebook.stride(0), metric_code(metric),
         BM=f.bm, BNR=f.bnr, BDR=f.bdr, num_warps=4, num_stages=1,
     )
     if gather:
@@ -318,9 +307,7 @@ def _finalize(x: Tensor, codebook: Tensor, metric: str, exact: bool, gather: boo
     return codes, zq, dist, counts
 
 
-def _i32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= (1 << 31) else v
+_i32 = numerics._i32  # a 32-bit pattern as the int32 value a kernel argument carries
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,7 +315,6 @@ def _i32(v: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 @triton_op("vqkernels::nearest_code_triton", mutates_args=())
 def nearest_code_triton(x: Tensor, codebook: Tensor, metric: str, exact: bool) -> tuple[Tensor, Tensor]:
-    _check_finite([(codebook, "codebook"), (x, "x")])
     codes, _, dist, _ = _finalize(x, codebook, metric, exact, gather=False)
     return codes, dist
 
@@ -336,7 +322,6 @@ def nearest_code_triton(x: Tensor, codebook: Tensor, metric: str, exact: bool) -
 @triton_op("vqkernels::quantize_triton", mutates_args=())
 def quantize_triton(x: Tensor, codebook: Tensor, metric: str,
                     exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_finite([(codebook, "codebook"), (x, "x")])
     codes, zq, dist, counts = _finalize(x, codebook, metric, exact, gather=True)
     return codes, zq, dist, counts
 
@@ -344,7 +329,7 @@ def quantize_triton(x: Tensor, codebook: Tensor, metric: str,
 @triton_op("vqkernels::code_stats_triton", mutates_args=())
 def code_stats_triton(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
     n, d = x.shape
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     if _eager(x, codes) and n and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
         raise ValueError(f"codes must lie in [0, num_codes = {num_codes}); got values in "
                          f"[{int(codes.min())}, {int(codes.max())}]")
@@ -365,18 +350,20 @@ def code_stats_triton(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor,
     return sums, counts
 
 
-@triton_op("vqkernels::gumbel_argmin_triton", mutates_args=())
-def gumbel_argmin_triton(x: Tensor, codebook: Tensor, metric: str, seed_code: int, seed_row: int) -> Tensor:
-    """Per code k: ``argmin_i (d(x_i, c_k) - g(seed, k, i))``, a sample of ``softmax_i(-d(x_i, c_k))``."""
-    acc = torch.float64 if torch.float64 in (x.dtype, codebook.dtype) else torch.float32
+@triton_op("vqkernels::sample_code_triton", mutates_args=())
+def sample_code_triton(x: Tensor, codebook: Tensor, metric: str, seed: int) -> Tensor:
+    """Per code k: ``argmin_i (d(x_i, c_k) - g(seed, k, i))``, a draw of ``P(i) ~ exp(-d(x_i, c_k))``: the search
+    with the roles swapped (the codes are the rows), the Gumbel noise subtracted in its epilogue."""
+    if x.shape[0] == 0:
+        raise ValueError("x must hold at least one row to sample from; got N = 0")
+    # bf16 / fp16 upcast once (their products are exact in fp32, so nothing changes): one compiled variant per
+    # accumulation dtype instead of one per input dtype
+    acc = acc_dtype(x.dtype)
     rows, cols = _features_contiguous(codebook.to(acc)), _features_contiguous(x.to(acc))
     k = rows.shape[0]
-    pv, pi, s, _ = _search_partials(rows, cols, metric, 1, False, sample=(seed_code, seed_row))
+    pv, pi, s, _ = _search_partials(rows, cols, metric, 1, False, sample=numerics.seed_from_schema(seed))
     if s == 1:
         return pi[0, :, 0].to(torch.int64)
     # splits hold increasing input rows: the first minimum over splits is the lowest-index one
     best = pv[:, :, 0].argmin(0)
     return pi[:, :, 0].gather(0, best[None, :]).squeeze(0).to(torch.int64).reshape(k)
-
-
-OP_NAMES = ("nearest_code_triton", "quantize_triton", "code_stats_triton")
