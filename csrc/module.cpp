@@ -5,7 +5,7 @@
 #include "numerics.h"
 
 namespace vqkernels::cpu {
-const char* bf16_tile_kernel();  // csrc/cpu/search.cpp
+const char* bf16_tile_kernel();  // csrc/cpu/bf16_microkernel.cpp
 }
 
 static struct PyModuleDef vqk_module = {PyModuleDef_HEAD_INIT, "_C", "vqkernels C++/CUDA ops", -1, nullptr};
