@@ -15,6 +15,12 @@ inline bool cpu_has_avx512() {
   return has;
 }
 
+// vpmulld, vplzcntd and vpermt2ps of the sampling epilogue: AVX-512 F + CD (every AVX-512 CPU has CD).
+inline bool cpu_has_avx512cd() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd");
+  return has;
+}
+
 inline bool cpu_has_avx512bf16() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
   return has;
