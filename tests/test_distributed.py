@@ -1,4 +1,4 @@
-"""torch.distributed (METHODS §4): 2 gloo processes on CPU must end with bit-identical codebooks and buffers; the
+"""torch.distributed (README "Method" §4): 2 gloo processes on CPU must end with bit-identical codebooks and buffers; the
 deterministic updates must equal a single-process run on the concatenated batch; an empty batch on one rank must
 neither hang nor diverge. Each test spawns 2 processes with a time limit.
 """

@@ -1,4 +1,4 @@
-"""k-means on the fused ops (METHODS §2.5): k-means++ seeding and Lloyd iterations.
+"""k-means on the fused ops (README "Method" §2.5): k-means++ seeding and Lloyd iterations.
 
 Every assignment is a :func:`vqkernels.nearest_code` search and every centroid update a
 :func:`vqkernels.code_stats` reduction, so nothing here ever holds an N x K matrix: the extra memory is O(N + K·D)

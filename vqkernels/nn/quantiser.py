@@ -1,4 +1,4 @@
-"""``VectorQuantiser``: a drop-in for CVQ-VAE's quantiser (Zheng & Vedaldi, ICCV 2023; METHODS §3)."""
+"""``VectorQuantiser``: a drop-in for CVQ-VAE's quantiser (Zheng & Vedaldi, ICCV 2023; README "Method" §3)."""
 
 from __future__ import annotations
 
