@@ -79,3 +79,12 @@ def test_layers_are_reexported_from_the_package_root():
         assert getattr(vqkernels, name) is getattr(vnn, name), name
     for name in ("nearest_code", "quantize", "code_stats", "sample_code", "Quantized", "METRICS"):
         assert getattr(vqkernels, name) is getattr(ops, name), name
+
+
+def test_ruff_is_pinned_once_for_make_and_pre_commit():
+    """``make lint`` (and .ci/run) and the pre-commit hooks run the same ruff, so they never disagree on a file."""
+    pin = re.search(r"^RUFF_SPEC\s*\?=\s*ruff==(\S+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    hook = re.search(r"ruff-pre-commit\s+rev:\s*v(\S+)", (REPO / ".pre-commit-config.yaml").read_text())
+    assert pin and hook and pin.group(1) == hook.group(1), (pin, hook)
+    assert "make lint" in (REPO / ".ci" / "run").read_text()
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")

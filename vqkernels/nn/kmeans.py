@@ -262,7 +262,8 @@ def kmeans(x: Tensor, num_codes: int, *, iters: int = 20, tol: float = 1e-4, met
         tol: stop when ``(prev_inertia - inertia) <= tol * prev_inertia``.
         metric: ``"l2"`` or ``"cosine"``.
         generator: source of randomness; deterministic for a seeded generator.
-        backend: backend of the ops (``"auto"``, ``"cpu"``, ``"torch"``).
+        backend: backend of the ops (``"auto"`` or a name of ``python -m vqkernels.info``: ``"cpu"``,
+            ``"cuda"``, ``"triton"``, ``"torch"``).
         progress: show a tqdm bar over the iterations (silently skipped when tqdm is missing).
 
     Returns:

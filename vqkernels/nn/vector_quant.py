@@ -32,9 +32,9 @@ class VectorQuant(VQBase):
         affine_mode: "learned" (default when ``affine_lr > 0``) or "running" (running statistics).
         kmeans_iters: Lloyd iterations of the k-means init.
         anchor, anchor_decay, first_batch, contrastive: CVQ anchor replacement (README "Method" §3), off by default.
-        backend: backend of the ops ("auto", "cpu", "torch", ...).
-        sync: keep codebooks and buffers identical on every rank of a torch.distributed process group (README "Method" §4);
-            None: whenever a process group of more than one rank is initialised.
+        backend: backend of the ops: "auto" or one of "cpu", "cuda", "triton", "torch".
+        sync: keep codebooks and buffers identical on every rank of a torch.distributed process group
+            (README "Method" §4); None: whenever a process group of more than one rank is initialised.
 
     Forward: ``z`` of any shape with ``feature_size`` on ``dim`` -> ``(z_q, out)`` where ``z_q`` has the shape
     of ``z`` and ``out`` holds ``z`` and ``z_q`` (``[..., 1, D]``), ``d`` (Euclidean distance, ``[..., 1]``; the
