@@ -100,17 +100,17 @@ def vqp_layer_codes(x: Tensor, codebook: Tensor, metric: str) -> Callable[[], Te
     """
     from vector_quantize_pytorch import VectorQuantize  # optional: the bench extra
 
-    layer = VectorQuantize(dim=codebook.shape[1], codebook_size=codebook.shape[0],
-                           use_cosine_sim=metric == "cosine").to(device=x.device, dtype=x.dtype).eval()
+    vqp = VectorQuantize(dim=codebook.shape[1], codebook_size=codebook.shape[0],
+                         use_cosine_sim=metric == "cosine").to(device=x.device, dtype=x.dtype).eval()
     with torch.no_grad():
-        emb = layer._codebook.embed  # [heads=1, K, D]
+        emb = vqp._codebook.embed  # [heads=1, K, D]
         cb = torch.nn.functional.normalize(codebook, dim=1) if metric == "cosine" else codebook
         emb.copy_(cb.view_as(emb))
-        layer._codebook.initted.fill_(True)
+        vqp._codebook.initted.fill_(True)
 
     @torch.no_grad()
     def run() -> Tensor:
-        return layer(x[None])[1][0]
+        return vqp(x[None])[1][0]
 
     return run
 

@@ -136,18 +136,18 @@ def vqp_step(x: Tensor, cb0: Tensor, g: Tensor) -> Step:
     loss is another formula: None)."""
     from vector_quantize_pytorch import VectorQuantize  # optional: the bench extra
 
-    layer = VectorQuantize(dim=cb0.shape[1], codebook_size=cb0.shape[0], learnable_codebook=True,
-                           ema_update=False).to(x.device)
-    params = list(layer.parameters())
+    vqp = VectorQuantize(dim=cb0.shape[1], codebook_size=cb0.shape[0], learnable_codebook=True,
+                         ema_update=False).to(x.device)
+    params = list(vqp.parameters())
     with torch.no_grad():
-        emb = layer._codebook.embed  # [heads=1, K, D]
+        emb = vqp._codebook.embed  # [heads=1, K, D]
         emb.copy_(cb0.view_as(emb))
 
     def step():
         x.grad = None
         for p in params:
             p.grad = None
-        quantized, codes, loss = layer(x[None])
+        quantized, codes, loss = vqp(x[None])
         ((quantized[0] * g).sum() + loss).backward()
         return codes[0], None
 
