@@ -19,9 +19,9 @@ default is smaller, for tests)."""
 
 
 def structure_errors(x: Tensor, codebook: Tensor, q: Quantized) -> list[str]:
-    """Shape / dtype / range / consistency problems of a :class:`~vqkernels.ops.Quantized` result that the search
-    oracle does not judge (empty when fine): codes ``[N]`` int64 in ``[0, K)``, ``counts == bincount(codes)``,
-    ``z_q == C[codes]`` in the codebook's dtype."""
+    """Shape / dtype / range / consistency problems of a :class:`~vqkernels.ops.Quantized` result (empty when
+    fine): codes ``[N]`` int64 in ``[0, K)`` (the oracle checks them too; here they guard what follows), and what
+    the search oracle does not judge: ``counts == bincount(codes)``, ``z_q == C[codes]`` in the codebook's dtype."""
     n, k = x.shape[0], codebook.shape[0]
     if q.codes.shape != (n,) or q.codes.dtype != torch.int64:
         return [f"codes {tuple(q.codes.shape)} {q.codes.dtype}"]
