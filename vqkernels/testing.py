@@ -78,34 +78,43 @@ def sample_rows(n: int, max_rows: int = CHECK_ROWS) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(1))[:max_rows]
 
 
-def judge_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor, exact: bool,
+def judge_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor | None, exact: bool,
                  max_rows: int = CHECK_ROWS) -> Verdict:
     """The precision rule (or exactness) and the distance accuracy of a search result on up to ``max_rows``
-    rows against all K codes (module docstring). Any device; the check runs on the CPU."""
-    x, cb, codes, dist = x.cpu(), cb.cpu(), codes.cpu(), dist.cpu()
+    rows against all K codes (module docstring). Any device; the check runs on the CPU (only the sampled rows
+    leave the device).
+
+    ``dist=None`` judges the codes alone: the precision rule (or exactness) without the distance check, for a
+    search that returns no distances (a whole layer's training step, a third-party quantiser).
+    """
     n = x.shape[0]
     reasons = []
     if codes.shape != (n,) or codes.dtype != torch.int64:
         return Verdict(False, [f"codes {tuple(codes.shape)} {codes.dtype}, want ({n},) int64"])
-    if dist.shape != (n,) or dist.dtype != acc_dtype(x.dtype):
+    if dist is not None and (dist.shape != (n,) or dist.dtype != acc_dtype(x.dtype)):
         return Verdict(False, [f"dist {tuple(dist.shape)} {dist.dtype}, want ({n},) {acc_dtype(x.dtype)}"])
     if n == 0:
         return Verdict(True)
     if bool((codes < 0).any()) or bool((codes >= cb.shape[0]).any()):
         return Verdict(False, ["code out of range"])
     rows = sample_rows(n, max_rows)
-    xs, cs, ds = x[rows], codes[rows], dist[rows]
+    take = rows.to(x.device)
+    xs, cs = x[take].cpu(), codes[take].cpu()
+    ds = None if dist is None else dist[take].cpu()
+    cb = cb.cpu()
+    # the codebook converted once, not per block (the conversions inside the block functions are then no-ops)
+    cb64, cb_acc = cb.to(torch.float64), cb.to(acc_dtype(x.dtype))
     chosen, best, best_i, yard = [], [], [], []
     step = max(1, CHUNK_ELEMS // cb.shape[0])
     for r0 in range(0, xs.shape[0], step):
         xc = xs[r0:r0 + step]
-        d64 = brute_distances(xc, cb, metric, direct=exact)
+        d64 = brute_distances(xc, cb64, metric, direct=exact)
         v, i = d64.min(1)
         best.append(v)
         best_i.append(i)
         chosen.append(d64.gather(1, cs[r0:r0 + step, None]).squeeze(1))
         if not exact:
-            yard.append(d64.gather(1, same_precision_codes(xc, cb, metric)[:, None]).squeeze(1))
+            yard.append(d64.gather(1, same_precision_codes(xc, cb_acc, metric)[:, None]).squeeze(1))
     d_star, i_star, d_sel = torch.cat(best), torch.cat(best_i), torch.cat(chosen)
     details = {"rows": int(rows.numel())}
     if exact:
@@ -113,6 +122,8 @@ def judge_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor
         details["wrong_codes"] = wrong
         if wrong:
             reasons.append(f"exact mode differs from the fp64 argmin on {wrong} rows")
+        if ds is None:
+            return Verdict(not reasons, reasons, details)
         # fp32 output: one rounding of the fp64 value; fp64 output: the summation order may differ from ours
         rtol = max(2 * unit_roundoff(ds.dtype), EXACT_SAFETY * (x.shape[1] + 4) * 2.0**-53)
         atol = float(rounding_scale(xs, cb, metric, u=2.0**-53).max())
@@ -127,6 +138,8 @@ def judge_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor
     details.update(max_regret=float(regret.max()), allowed_regret=allowed)
     if float(regret.max()) > allowed:
         reasons.append(f"worst regret {float(regret.max()):.3g} > allowed {allowed:.3g}")
+    if ds is None:
+        return Verdict(not reasons, reasons, details)
     err = (ds.to(torch.float64) - d_sel).abs()
     worst = float((err / scale).max())
     details["worst_dist_err_over_scale"] = worst
@@ -135,7 +148,7 @@ def judge_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor
     return Verdict(not reasons, reasons, details)
 
 
-def assert_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor, exact: bool,
+def assert_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor | None, exact: bool,
                   max_rows: int = CHECK_ROWS) -> None:
     """:func:`judge_search` as an assertion (for tests)."""
     v = judge_search(x, cb, metric, codes, dist, exact, max_rows)
