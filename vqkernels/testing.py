@@ -102,8 +102,7 @@ def judge_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor
     xs, cs = x[take].cpu(), codes[take].cpu()
     ds = None if dist is None else dist[take].cpu()
     cb = cb.cpu()
-    # the codebook converted once, not per block (the conversions inside the block functions are then no-ops)
-    cb64, cb_acc = cb.to(torch.float64), cb.to(acc_dtype(x.dtype))
+    cb64 = cb.to(torch.float64)  # converted once, not per block (the conversion inside brute_distances is a no-op)
     chosen, best, best_i, yard = [], [], [], []
     step = max(1, CHUNK_ELEMS // cb.shape[0])
     for r0 in range(0, xs.shape[0], step):
@@ -114,7 +113,7 @@ def judge_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor
         best_i.append(i)
         chosen.append(d64.gather(1, cs[r0:r0 + step, None]).squeeze(1))
         if not exact:
-            yard.append(d64.gather(1, same_precision_codes(xc, cb_acc, metric)[:, None]).squeeze(1))
+            yard.append(d64.gather(1, same_precision_codes(xc, cb, metric)[:, None]).squeeze(1))
     d_star, i_star, d_sel = torch.cat(best), torch.cat(best_i), torch.cat(chosen)
     details = {"rows": int(rows.numel())}
     if exact:

@@ -87,7 +87,7 @@ class VQBase(CodebookMixin, nn.Module):
         if inplace_optimizer is not None:
             self.inplace_codebook_optimizer = inplace_optimizer(self._codebook_params())
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         checkpoint.adapt_state_dict(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -166,7 +166,7 @@ class VQBase(CodebookMixin, nn.Module):
             anchors.update(self, segments, counts)
 
 
-def _check_positive_int(v, name: str) -> None:
+def _check_positive_int(v: object, name: str) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive int; got {v!r}")
 

@@ -31,7 +31,8 @@ def _block_loss(x: Tensor, c: Tensor, metric: str, tau: float, num_pos: int, num
     return (torch.logsumexp(logits, 1) - logits[:, 0]).sum()
 
 
-def _blocked(x: Tensor, cb: Tensor, metric: str, tau: float, chunk_elems: int, grad_out: Tensor | None = None):
+def _blocked(x: Tensor, cb: Tensor, metric: str, tau: float, chunk_elems: int,
+             grad_out: Tensor | None = None) -> Tensor:
     """Forward (``grad_out`` None): the summed loss. Backward: the gradient w.r.t. ``cb`` of ``grad_out * sum``."""
     n, k = x.shape[0], cb.shape[0]
     num_pos, num_neg = max(1, n // k), n // 2

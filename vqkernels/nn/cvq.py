@@ -42,13 +42,13 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------------------------
-def _check_decay(decay) -> float:
+def _check_decay(decay: object) -> float:
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < float(decay) < 1.0:
         raise ValueError(f"decay must be a number in (0, 1); got {decay!r}")
     return float(decay)
 
 
-def _check_vector(t, name: str, length: int | None = None) -> None:
+def _check_vector(t: object, name: str, length: int | None = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if t.dim() != 1 or (length is not None and t.shape[0] != length):
@@ -56,18 +56,18 @@ def _check_vector(t, name: str, length: int | None = None) -> None:
         raise ValueError(f"{name} must have shape {want}; got {tuple(t.shape)}")
 
 
-def _check_pair(x, codebook, metric) -> None:
+def _check_pair(x: object, codebook: object, metric: str) -> None:
     """x ``[N, D]`` and codebook ``[K >= 1, D]`` (dtypes may differ): floating, same D and device; a known
     metric."""
     ops.check_pair(x, codebook, metric, same_dtype=False)
 
 
-def _check_generator(generator) -> None:
+def _check_generator(generator: object) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
 
 
-def _check_chunk(chunk_elems) -> int:
+def _check_chunk(chunk_elems: object) -> int:
     if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, int) or chunk_elems < 1:
         raise ValueError(f"chunk_elems must be a positive int; got {chunk_elems!r}")
     return chunk_elems
@@ -209,7 +209,7 @@ def probrandom_anchors(x: Tensor, codebook: Tensor, metric: str = "l2",
 # ---------------------------------------------------------------------------------------------------------------
 # §3.2 anchors: "random" (a pool of recent batch rows)
 # ---------------------------------------------------------------------------------------------------------------
-def _check_pool(pool, filled) -> None:
+def _check_pool(pool: object, filled: object) -> None:
     check_matrix(pool, "pool")
     if pool.shape[0] == 0:
         raise ValueError("pool must hold at least one row; got K = 0")
