@@ -1,20 +1,27 @@
-// Shared helpers of the CPU ops: argument checks that name the argument, metric parsing, accumulator types.
+// Shared helpers of the CPU ops: argument checks that name the argument, metric parsing, accumulator types, the
+// key-term pass over stored rows.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include <string>
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string_view>
+
+#include "../numerics.h"
 
 namespace vqkernels::cpu {
 
-enum class Metric { L2, Cosine, Dot };
+namespace num = ::vqkernels::numerics;
 
-inline Metric parse_metric(const std::string& name) {
-  if (name == "l2") return Metric::L2;
-  if (name == "cosine") return Metric::Cosine;
-  if (name == "dot") return Metric::Dot;
-  TORCH_CHECK_VALUE(false, "metric must be one of 'l2', 'cosine', 'dot'; got '", name, "'");
+enum class Metric : int { L2 = num::kMetricL2, Cosine = num::kMetricCosine, Dot = num::kMetricDot };
+
+inline Metric parse_metric(std::string_view name) {
+  const int code = num::metric_code(name);
+  TORCH_CHECK_VALUE(code >= 0, "metric must be one of ", num::kMetricNames, "; got '", name, "'");
+  return static_cast<Metric>(code);
 }
 
 // Distances and code norms accumulate in fp32, or fp64 for fp64 inputs.
@@ -26,6 +33,29 @@ template <>
 struct AccOf<double> {
   using type = double;
 };
+
+// A tuning knob from the environment (>= 1), or dflt when unset.
+inline int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  return std::max<int64_t>(1, std::atoll(v));
+}
+
+// sum_d v_d^2 in fp64 from the stored values (and whether every v_d is finite): the key terms are sums of squares
+// rounded once, not rounded norms squared, so that equidistant codes of exactly representable data tie exactly
+// (README "Method" §1). The pass reads every element anyway, so it also enforces the non-finite policy.
+template <typename scalar_t>
+double sum_squares64(const scalar_t* v, int64_t D, bool* finite) {
+  double s = 0.0;
+  bool ok = true;
+  for (int64_t j = 0; j < D; ++j) {
+    const double a = static_cast<double>(v[j]);
+    ok &= std::isfinite(a);
+    s += a * a;
+  }
+  *finite = ok;
+  return s;
+}
 
 inline void check_float_matrix(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 2, name, " must be a 2-D tensor [rows, D]; got ", t.dim(), " dims");
