@@ -3,7 +3,8 @@
 #   make test PYTHON=python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
-PY_DEPS     ?= numpy scipy scikit-learn pytest pytest-benchmark ninja wheel rich tqdm matplotlib triton==3.9.0
+RUFF_SPEC   ?= ruff==0.17.6
+PY_DEPS     ?= numpy scipy scikit-learn pytest pytest-benchmark ninja wheel rich tqdm matplotlib triton==3.9.0 $(RUFF_SPEC)
 MAX_JOBS    ?= 2
 # Optional baselines of the layer benchmark; a failed install only drops their rows.
 BENCH_DEPS  ?= vector-quantize-pytorch
@@ -26,8 +27,8 @@ NVCC        ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_ARCHS  ?= 80 90
 CU_SOURCES  := $(wildcard csrc/cuda/*.cu)
 
-.PHONY: all build test bench bench-suite demo info lint clean cuda-check gpu-compile-check gpu-compile-check-compat \
-	gpu-check
+.PHONY: all build test bench bench-suite demo info lint format clean cuda-check gpu-compile-check \
+	gpu-compile-check-compat gpu-check
 
 all: test
 
@@ -113,8 +114,15 @@ demo: build
 info: build
 	$(PYTHON) -m vqkernels.info
 
-lint:
-	$(PYTHON) -m ruff check vqkernels tests benchmarks
+# ruff (pinned in RUFF_SPEC; the same version as .pre-commit-config.yaml): lint and formatting, run by .ci/run.
+LINT_PATHS ?= vqkernels tests benchmarks setup.py
+lint: $(ENV_STAMP)
+	$(PYTHON) -m ruff check $(LINT_PATHS)
+	$(PYTHON) -m ruff format --check $(LINT_PATHS)
+
+format: $(ENV_STAMP)
+	$(PYTHON) -m ruff check --fix $(LINT_PATHS)
+	$(PYTHON) -m ruff format $(LINT_PATHS)
 
 clean:
 	rm -rf build *.egg-info vqkernels/_C*.so

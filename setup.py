@@ -46,7 +46,7 @@ def _extensions():
     elif CUDA_HOME is None:
         why_not = "CUDA_HOME is not set and nvcc was not found"
     elif not cuda_sources:
-        why_not = "csrc/cuda holds no sources yet"
+        why_not = "csrc/cuda has no .cu or .cpp sources"
     if why_not is not None and mode in ("1", "true", "yes", "on"):
         raise RuntimeError(f"VQK_BUILD_CUDA=1 but the CUDA ops cannot be built: {why_not}")
 

@@ -7,7 +7,8 @@ Options (besides pytest-benchmark's own):
   --vqk-metric LIST    comma list (default: every metric)
   --vqk-device DEV     cpu or cuda (default: cuda when available)
 
-Each backend row asserts the same fp64 correctness verdict as the CLI. Without pytest-benchmark installed (e.g. on
+Each backend row asserts the same correctness verdict as the CLI (:func:`vqkernels.bench.check_quantized`: the
+structure, then the oracle of :mod:`vqkernels.testing`). Without pytest-benchmark installed (e.g. on
 a machine without network), a small stand-in ``benchmark`` fixture times with :func:`vqkernels.bench.measure_time`
 and prints one line per case, so the suites still run.
 """
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from vqkernels import bench
-from vqkernels.ops import METRICS
+from vqkernels.numerics import METRICS
 
 try:
     import pytest_benchmark  # noqa: F401
@@ -30,9 +31,9 @@ except ImportError:
 def pytest_addoption(parser):
     group = parser.getgroup("vqkernels benchmarks")
     group.addoption("--vqk-preset", choices=tuple(bench.PRESETS), default=None)
-    group.addoption("--vqk-shape", action="append", type=bench._shape, default=None, metavar="N,K,D")
-    group.addoption("--vqk-dtype", type=bench._names(tuple(bench.DTYPES)), default=["fp32", "bf16"])
-    group.addoption("--vqk-metric", type=bench._names(METRICS), default=list(METRICS))
+    group.addoption("--vqk-shape", action="append", type=bench.parse_shape, default=None, metavar="N,K,D")
+    group.addoption("--vqk-dtype", type=bench.parse_names(tuple(bench.DTYPES)), default=["fp32", "bf16"])
+    group.addoption("--vqk-metric", type=bench.parse_names(METRICS), default=list(METRICS))
     group.addoption("--vqk-device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     if not HAVE_PLUGIN:  # accept the plugin's switches that the README shows
         group.addoption("--benchmark-only", action="store_true")

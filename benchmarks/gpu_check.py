@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_SUITES = ("tests/test_nearest_code.py", "tests/test_quantize.py", "tests/test_code_stats.py",
-              "tests/test_validation.py", "tests/test_sampling.py")
+              "tests/test_validation.py", "tests/test_sample_code.py")
 GPU_FILES = ("tests/test_triton.py", "tests/test_cuda_backend.py")
 # (name, seconds it may take at most, seconds kept back for the steps after it)
 PLAN = (("info", 60, 420), ("build", 180, 270), ("tests", 200, 80), ("bench", 420, 5))

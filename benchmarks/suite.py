@@ -10,7 +10,7 @@ from vqkernels import bench
 def vqk_shapes(config) -> list[tuple[int, int, int]]:
     """The ``--vqk-shape`` list, else the preset's shapes."""
     device = config.getoption("--vqk-device")
-    preset = config.getoption("--vqk-preset") or ("gpu" if device == "cuda" else "cpu-default")
+    preset = config.getoption("--vqk-preset") or bench.default_preset(device)
     return config.getoption("--vqk-shape") or list(bench.PRESETS[preset])
 
 

@@ -1,32 +1,31 @@
 """The layer benchmark of ``python -m vqkernels.bench_layer`` as a pytest-benchmark suite: one training step
 (forward + backward) of ``VectorQuant`` against the bare op, a vqtorch-style layer and vector-quantize-pytorch, fp32,
-at N, K, D = 65536, 4096, 64 (``--vqk-shape`` replaces it). Every step must choose codes within the fp64 regret
-rule of the CLI."""
+at N, K, D = 65536, 4096, 64 (``--vqk-shape`` replaces it). Every step must pass the CLI's check
+(:func:`vqkernels.bench.layer.check_step`: its codes under the precision rule of :mod:`vqkernels.testing`, its loss
+against fp64)."""
 
 from __future__ import annotations
 
 import pytest
 from suite import timed
 
-from vqkernels import bench, bench_layer
-
-STEPS = ("vqkernels", "quantize op + loss", "vqtorch-style", "vector-quantize-pytorch")
+from vqkernels.bench import layer, vqp_missing
 
 
 def pytest_generate_tests(metafunc):
     if "layer_shape" in metafunc.fixturenames:
-        shapes = metafunc.config.getoption("--vqk-shape") or list(bench_layer.DEFAULT_SHAPES)
+        shapes = metafunc.config.getoption("--vqk-shape") or list(layer.DEFAULT_SHAPES)
         metafunc.parametrize("layer_shape", shapes, ids=[f"{n}x{k}x{d}" for n, k, d in shapes])
 
 
-@pytest.mark.parametrize("name", STEPS)
+@pytest.mark.parametrize("name", layer.STEPS)
 def test_layer_step(benchmark, layer_shape, name, vqk_device):
-    if name == "vector-quantize-pytorch" and (why := bench.vqp_missing()):
+    if name == "vector-quantize-pytorch" and (why := vqp_missing()):
         pytest.skip(why)
-    x, cb0, makers = bench_layer.make_steps(layer_shape, vqk_device, "auto")
+    x, cb0, makers = layer.make_steps(layer_shape, vqk_device, "auto")
     step = makers[name]()
     benchmark.group = "layer step " + ",".join(map(str, layer_shape))
     codes, loss = benchmark(timed(step, vqk_device))
-    verdict, details = bench_layer.check_step(x, cb0, codes, loss)
-    benchmark.extra_info["check"] = details
-    assert verdict == "PASS", verdict
+    verdict = layer.check_step(x, cb0, codes, loss)
+    benchmark.extra_info["check"] = verdict.details
+    assert verdict.ok, str(verdict)

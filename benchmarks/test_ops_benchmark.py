@@ -1,6 +1,7 @@
 """The op benchmark of ``python -m vqkernels.bench`` as a pytest-benchmark suite: one group per (shape, dtype,
 metric), holding every runnable backend of ``quantize`` and every baseline, so that pytest-benchmark's table
-compares them side by side. Backends must pass the CLI's fp64 correctness check."""
+compares them side by side. Backends must pass the CLI's correctness check (:func:`vqkernels.bench.check_quantized`:
+the structure, then the oracle of :mod:`vqkernels.testing`)."""
 
 from __future__ import annotations
 
@@ -37,12 +38,12 @@ def test_quantize(benchmark, case, name, vqk_device):
     if name not in fns:
         pytest.skip(f"{name} does not run {metric}" + ("" if name != "vqp_layer" else " or is not installed"))
     n, k, d = shape
-    if name in bench.NK_BASELINES and n * k * x.element_size() > bench.MAX_NK_BYTES:
-        pytest.skip("N x K over VQK_BENCH_MAX_NK_BYTES")
+    if (why := bench.skip_reason(name, n, k, x.element_size())) is not None:
+        pytest.skip(why)
     benchmark.group = f"{n},{k},{d} {dtype_name} {metric}"
     benchmark.extra_info.update(N=n, K=k, D=d, dtype=dtype_name, metric=metric, flops=2 * n * k * d)
     out = benchmark(timed(fns[name], vqk_device))
     if name not in bench.BASELINES:
-        verdict, details = bench.check_quantized(x, codebook, metric, out)
-        benchmark.extra_info["check"] = details
-        assert verdict == "PASS", verdict
+        verdict = bench.check_quantized(x, codebook, metric, out)
+        benchmark.extra_info["check"] = verdict.details
+        assert verdict.ok, str(verdict)

@@ -1,7 +1,11 @@
-"""Smoke test of the benchmark CLI: ``python -m vqkernels.bench --quick`` runs, checks and writes its JSON."""
+"""The benchmark package: ``python -m vqkernels.bench --quick`` and ``python -m vqkernels.bench_layer --quick`` run,
+check and write their JSON; the correctness column is the oracle of ``vqkernels.testing``; the modules share public
+names only."""
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +15,9 @@ import torch
 from helpers import cpu_backends
 
 import vqkernels as vq
-from vqkernels import bench, roofline
-from vqkernels.ops import METRICS
+from vqkernels import bench, dispatch, roofline, testing
+from vqkernels.bench import layer
+from vqkernels.ops import METRICS, Quantized, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +57,13 @@ def test_bench_quick_json(tmp_path):
             assert r["speedup_vs_best_search"] == pytest.approx(best)
             if r["kind"] == "backend":
                 assert r["verdict"] == "PASS", r
+                # the oracle's numbers (vqkernels.testing.judge_search) on the sampled rows
+                assert set(r["check"]) == {"rows", "max_regret", "allowed_regret", "worst_dist_err_over_scale"}
+                assert r["check"]["rows"] == min(r["N"], bench.CHECK_ROWS)
+                assert 0 <= r["check"]["max_regret"] <= r["check"]["allowed_regret"]
+                assert r["check"]["worst_dist_err_over_scale"] <= 1
+            else:
+                assert r["verdict"] == "-" and r["check"] == {}
     tables = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "ops", str(out)],
                             capture_output=True, text=True, check=True).stdout  # the README's generator
     assert tables.count("| PASS |") == len(cases) and "| 4096, 1024, 64 | bf16 | " in tables
@@ -79,7 +91,8 @@ def test_bench_time_limit_stops_between_cases_with_a_complete_json(tmp_path):
 
 
 def test_roofline_of_known_gpus_matches_the_derived_bounds():
-    """PERFORMANCE.md derives lower bounds on an H100 SXM (ms); the datasheet table must reproduce them."""
+    """Lower bounds on an H100 SXM (ms), worked out by hand from its datasheet peaks (989 TFLOP/s bf16, 3.35 TB/s);
+    the table must reproduce them."""
     h100 = roofline.gpu_spec("NVIDIA H100 80GB HBM3")
     assert h100.source.endswith("H100 SXM") and h100.bandwidth == 3.35e12
     for (n, k, d), ms in {(65536, 16384, 256): 0.56, (262144, 16384, 8): 0.51, (1048576, 16384, 64): 2.2,
@@ -115,6 +128,8 @@ def test_bench_presets_and_plot(tmp_path):
                                               for dt in ("fp32", "bf16")])
     assert len(bench.parse_args(["--device", "cpu", "--metric", "l2,dot"]).cases) == 3 * 2 * 2  # asked: all shapes
     assert len(bench.parse_args(["--preset", "gpu", "--dtype", "bf16"]).cases) == 9 * 3
+    # the backends come from the dispatch table (triton's interpreter is not timed)
+    assert default.backend == [b for b in dispatch.runnable("cpu") if b != "triton"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--metric", "l3"])
     assert bench.parse_args(["--preset", "gpu", "--shape", "10,20,30"]).shapes == [(10, 20, 30)]
@@ -125,7 +140,7 @@ def test_bench_presets_and_plot(tmp_path):
 
 
 def test_bench_skips_nxk_baselines_over_the_memory_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "MAX_NK_BYTES", 1)
+    monkeypatch.setattr(bench.baselines, "MAX_NK_BYTES", 1)  # where run_case reads it
     out = tmp_path / "b.json"
     assert bench.main(["--shape", "200,50,8", "--dtype", "fp32", "--min-time", "0.01", "--metric", "l2",
                        "--json", out]) == 0
@@ -164,3 +179,66 @@ def test_benchmark_suites_run_without_the_plugin(tmp_path):
     out = _run_suites("-p", "no:benchmark", "--benchmark-only", "--vqk-metric", "l2", "-s", env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "300,70,8 fp32 l2 test_quantize[300x70x8-fp32-l2-cpu]: median" in out.stdout
+
+
+def test_check_quantized_judges_the_structure_then_the_oracle():
+    """The correctness column: structural checks (codes range, counts, z_q), then vqkernels.testing's verdict."""
+    x, cb = bench.make_inputs(600, 50, 8, torch.float32, "cpu")
+    q = quantize(x, cb, backend="torch")
+    v = bench.check_quantized(x, cb, "l2", q)
+    oracle = testing.judge_search(x, cb, "l2", q.codes, q.dist, exact=False, max_rows=bench.CHECK_ROWS)
+    assert v.ok and str(v) == "PASS" and v.details == oracle.details
+    far = (q.codes + 25) % 50  # other codes: a regret far above the allowance
+    v = bench.check_quantized(x, cb, "l2", Quantized(far, cb[far], q.dist, torch.bincount(far, minlength=50)))
+    assert not v.ok and "regret" in str(v) and v.details["max_regret"] > v.details["allowed_regret"]
+    v = bench.check_quantized(x, cb, "l2", q._replace(dist=q.dist + 1))
+    assert not v.ok and "dist error" in str(v)
+    assert str(bench.check_quantized(x, cb, "l2", q._replace(counts=q.counts.flip(0)))).startswith("FAIL(counts")
+    assert "z_q != C[codes]" in str(bench.check_quantized(x, cb, "l2", q._replace(z_q=q.z_q + 1)))
+    assert str(bench.check_quantized(x, cb, "l2", q._replace(codes=q.codes + 50))) == "FAIL(codes out of range)"
+
+
+def test_layer_bench_quick_json(tmp_path):
+    """``python -m vqkernels.bench_layer --quick``: every step's codes judged by vqkernels.testing, the loss by fp64."""
+    out = tmp_path / "layer.json"
+    assert layer.main(["--quick", "--device", "cpu", "--min-time", "0.02", "--json", out]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {"machine", "config", "rows", "targets"}
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == list(layer.STEPS)
+    for name in ("vqkernels", "quantize op + loss", "vqtorch-style"):
+        r = rows[name]
+        assert r["verdict"] == "PASS" and r["median_ms"] > 0, r
+        assert set(r["check"]) == {"rows", "max_regret", "allowed_regret", "loss_rel_err"}
+        assert r["check"]["rows"] == min(layer.QUICK_SHAPES[0][0], bench.CHECK_ROWS)
+    x, cb0, makers = layer.make_steps((300, 40, 8), "cpu", "torch")
+    codes, loss = makers["vqtorch-style"]()()
+    assert layer.check_step(x, cb0, codes, loss).ok
+    v = layer.check_step(x, cb0, (codes + 20) % 40, loss)
+    assert not v.ok and "regret" in str(v) and "loss" in str(v)
+
+
+@pytest.mark.parametrize("module", ["vqkernels.bench", "vqkernels.bench_layer"])
+def test_entry_points_run(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"python -m {module}" in out.stdout and "--json" in out.stdout
+
+
+def test_bench_modules_share_public_names_only():
+    """No module of the benchmark (nor a user of it) imports another module's private (underscore) helper, and
+    none carries its own distance oracle: the correctness column is vqkernels.testing's."""
+    files = [*sorted((ROOT / "vqkernels" / "bench").glob("*.py")), ROOT / "vqkernels" / "bench_layer.py",
+             ROOT / "vqkernels" / "demo" / "cli.py", *sorted((ROOT / "benchmarks").glob("*.py"))]
+    for path in files:
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("vqkernels")):
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__doc__"]
+                assert not private, f"{path.name} imports {private} from {node.module}"
+        assert not re.search(r"\b(bench|bench_layer|layer)\._[a-z]", text), path.name
+        assert not re.search(r"METHODS\.md|PERFORMANCE\.md|METHODS §|PERFORMANCE §", text), path.name
+    oracle_names = re.compile(r"def (_?keys|_?fp64_distances|_?rounding_scale|_?regrets)\(|DIST_RTOL|REGRET_REL")
+    for path in (ROOT / "vqkernels" / "bench").glob("*.py"):
+        assert not oracle_names.search(path.read_text()), path.name

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import BACKEND_DEVICES, DTYPES, opcheck_utils, skip_compile_if_interpreted
+from helpers import BACKEND_DEVICES, DTYPES, op_of, opcheck_utils, skip_compile_if_interpreted
 
 import vqkernels as vq
 
@@ -69,12 +69,11 @@ def test_out_of_range_codes(bd, bad):
 @pytest.mark.parametrize("bd", BACKEND_DEVICES)
 def test_opcheck(bd):
     backend, dev = bd
-    from vqkernels.ops import _OPS
 
     x = torch.randn(50, 6, device=dev)
     codes = torch.randint(0, 9, (50,), device=dev)
-    torch.library.opcheck(_OPS[backend][2], (x, codes, 9), test_utils=opcheck_utils(backend))
-    torch.library.opcheck(_OPS[backend][2], (x[:0], codes[:0], 9), test_utils=opcheck_utils(backend))
+    torch.library.opcheck(op_of(backend, "code_stats"), (x, codes, 9), test_utils=opcheck_utils(backend))
+    torch.library.opcheck(op_of(backend, "code_stats"), (x[:0], codes[:0], 9), test_utils=opcheck_utils(backend))
 
 
 @pytest.mark.parametrize("bd", BACKEND_DEVICES)

@@ -1,4 +1,4 @@
-"""The layers under torch.compile and autocast (METHODS §4): forward + backward compiles with fullgraph=True when
+"""The layers under torch.compile and autocast (README "Method" §4): forward + backward compiles with fullgraph=True when
 the non-gradient updates are off, and with graph breaks only at those updates otherwise; autocast runs the search
 in the low precision and keeps the losses in fp32."""
 

@@ -1,6 +1,6 @@
 """What is specific to the C++/CUDA backend (csrc/cuda): split-K and its clamp, the aligned (cp.async) and plain
 load paths, and agreement with the independently written Triton backend. The backend-generic suites
-(test_nearest_code.py, test_quantize.py, test_code_stats.py, test_validation.py, test_sampling.py) run it on CUDA
+(test_nearest_code.py, test_quantize.py, test_code_stats.py, test_validation.py, test_sample_code.py) run it on CUDA
 tensors with every other case. Skipped without a GPU and a CUDA build of the extension (`make test` still compiles
 every .cu file with nvcc, and `make cuda-ext-check` builds and loads the extension against a CUDA torch).
 """
@@ -12,7 +12,7 @@ from helpers import METRICS, brute_distances, check_search, make_inputs
 import vqkernels as vq
 from vqkernels.dispatch import BACKENDS
 
-_why = BACKENDS["cuda"].why_not()
+_why = BACKENDS["cuda"].why_not("cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why is not None, reason=f"cuda backend: {_why}")]
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -47,7 +47,7 @@ def test_ties_and_exact_near_ties():
 
 
 def test_agrees_with_triton():
-    if BACKENDS["triton"].why_not() is not None:
+    if BACKENDS["triton"].why_not("cuda") is not None:
         pytest.skip("triton backend unavailable")
     x, cb = _inputs(20000, 4096, 64, torch.bfloat16)
     a = vq.nearest_code(x, cb, exact=True, backend="cuda")

@@ -1,4 +1,4 @@
-"""CVQ anchor-replacement functions (METHODS §3; Zheng & Vedaldi 2023) against hand formulas in fp64."""
+"""CVQ anchor-replacement functions (README "Method" §3; Zheng & Vedaldi 2023) against hand formulas in fp64."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from helpers import cpu_backends
 from scipy.stats import chisquare
 
 from vqkernels.nn import cvq
-from vqkernels.reference import COS_EPS
+from vqkernels.numerics import COS_EPS
 
 METRICS = ("l2", "cosine", "dot")
 
@@ -21,7 +21,7 @@ def gen(seed: int) -> torch.Generator:
 
 
 def brute64(x: torch.Tensor, cb: torch.Tensor, metric: str) -> torch.Tensor:
-    """fp64 distance matrix ``[N, K]`` of METHODS §1, element by element (no BLAS: equal inputs tie)."""
+    """fp64 distance matrix ``[N, K]`` of README "Method" §1, element by element (no BLAS: equal inputs tie)."""
     x64, c64 = x.double()[:, None, :], cb.double()[None, :, :]
     if metric == "l2":
         return ((x64 - c64) ** 2).sum(-1)

@@ -1,6 +1,6 @@
-"""CVQ anchor replacement on the layers and the CVQ-VAE drop-in ``VectorQuantiser`` (METHODS §3).
+"""CVQ anchor replacement on the layers and the CVQ-VAE drop-in ``VectorQuantiser`` (README "Method" §3).
 
-The oracle is the formula of METHODS §3, evaluated by hand in fp64 on the codebook as it was before the step.
+The oracle is the formula of README "Method" §3, evaluated by hand in fp64 on the codebook as it was before the step.
 """
 
 import pytest
@@ -17,7 +17,7 @@ def _x(n, d, seed=1):
 
 
 def _alpha(counts, n, k, h0=None, gamma=GAMMA):
-    """``h`` after one EMA step from ``h0`` and the per-code decay alpha (METHODS §3.1-3.2), fp64."""
+    """``h`` after one EMA step from ``h0`` and the per-code decay alpha (README "Method" §3.1-3.2), fp64."""
     h0 = torch.zeros(k, dtype=torch.float64) if h0 is None else h0
     h = gamma * h0 + (1 - gamma) * counts.double() / n
     return h, torch.exp(-h * k * 10 / (1 - gamma) - 1e-3)

@@ -1,4 +1,4 @@
-"""k-means++ seeding and Lloyd k-means on the fused ops (METHODS §2.5): quality against scikit-learn, fixed-point
+"""k-means++ seeding and Lloyd k-means on the fused ops (README "Method" §2.5): quality against scikit-learn, fixed-point
 properties against an fp64 brute force, K > N, empty clusters, determinism and argument checks."""
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from helpers import (
     brute_distances,
     check_search,
     make_inputs,
+    op_of,
     opcheck_utils,
     skip_compile_if_interpreted,
 )
@@ -176,9 +177,8 @@ def test_backends_agree_on_codes(bd):
 @pytest.mark.parametrize("bd", BACKEND_DEVICES)
 def test_opcheck(bd):
     backend, dev = bd
-    from vqkernels.ops import _OPS
 
-    op = _OPS[backend][0]
+    op = op_of(backend, "nearest_code")
     x, cb = make_inputs(33, 70, 9, torch.float32, device=dev)
     for metric in METRICS:
         for exact in (False, True):

@@ -8,6 +8,7 @@ from helpers import (
     METRICS,
     check_search,
     make_inputs,
+    op_of,
     opcheck_utils,
     skip_compile_if_interpreted,
 )
@@ -78,9 +79,8 @@ def test_backward_is_code_stats_of_grad(bd):
 @pytest.mark.parametrize("bd", BACKEND_DEVICES)
 def test_opcheck(bd):
     backend, dev = bd
-    from vqkernels.ops import _OPS
 
-    op = _OPS[backend][1]
+    op = op_of(backend, "quantize")
     x, cb = make_inputs(33, 70, 9, torch.float32, device=dev)
     for metric in METRICS:
         torch.library.opcheck(op, (x, cb, metric, False), test_utils=opcheck_utils(backend))

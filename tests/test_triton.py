@@ -1,4 +1,4 @@
-"""Triton backend specifics: split-K, exact mode's candidate list and re-scan, odd shapes, Gumbel sampling,
+"""Triton backend specifics: split-K, exact mode's candidate list and re-scan, odd shapes, sample_code's kernel,
 code_stats under collapse, and (on a GPU) bf16 tensor cores and torch.compile.
 
 Without a GPU the kernels run on CPU tensors in triton's interpreter (conftest.py sets TRITON_INTERPRET=1); the
@@ -8,14 +8,15 @@ backend-generic suites (test_nearest_code.py, test_quantize.py, test_code_stats.
 
 import pytest
 import torch
-from helpers import METRICS, brute_distances, check_search, make_inputs
+from helpers import METRICS, brute_distances, check_search, make_inputs, op_of
 
 import vqkernels as vq
 from vqkernels.dispatch import BACKENDS
-from vqkernels.nn import cvq
+from vqkernels.numerics import gumbel_noise, join_seed, seed_to_schema
+from vqkernels.testing import same_precision_codes
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-_why = BACKENDS["triton"].why_not() or BACKENDS["triton"].device_why_not(DEV)
+_why = BACKENDS["triton"].why_not(DEV)
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"triton backend: {_why}")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -101,14 +102,14 @@ def test_code_stats_full_collapse_and_dtypes():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Gumbel-max sampling (CVQ probrandom anchors)
+# sample_code (Gumbel-max in the search epilogue)
 # ---------------------------------------------------------------------------------------------------------------
 def test_sampling_split_k_is_chunk_invariant(monkeypatch, splits_used):
     x, cb = _inputs(5000, 12, 6, seed=6)  # the input rows are the streamed side of the sampling search
     monkeypatch.setenv("VQK_TRITON_SPLIT", "1")
-    one = cvq.sample_anchor_rows(x, cb, "l2", generator=torch.Generator().manual_seed(1), backend="triton")
+    one = vq.sample_code(x, cb, seed=1, backend="triton")
     monkeypatch.setenv("VQK_TRITON_SPLIT", "4")
-    four = cvq.sample_anchor_rows(x, cb, "l2", generator=torch.Generator().manual_seed(1), backend="triton")
+    four = vq.sample_code(x, cb, seed=1, backend="triton")
     assert torch.equal(one, four)
     assert splits_used[0] == 1 and splits_used[1] >= 2, splits_used
 
@@ -119,9 +120,9 @@ def test_sampling_kernel_seeds_equal_to_one_and_extremes(seed, metric):
     """The kernel's argmin of d - g equals the brute force over the reference noise for seeds 0, 1 (an int that
     compiled triton would specialise into a constant) and 2^32 - 1."""
     x, cb = _inputs(60, 9, 5, seed=7)
-    got = torch.ops.vqkernels.gumbel_argmin_triton(x, cb, metric, seed, seed).cpu()
+    got = op_of("triton", "sample_code")(x, cb, metric, seed_to_schema(join_seed(seed, seed))).cpu()
     d = brute_distances(cb.cpu(), x.cpu(), metric)  # [K, N], codes major
-    noise = cvq.gumbel_noise((seed, seed), torch.arange(60), torch.arange(9), torch.float64)
+    noise = gumbel_noise((seed, seed), torch.arange(60), torch.arange(9), torch.float64)
     want = (d - noise).argmin(1)
     assert (got == want).float().mean() >= 0.9, (got, want)  # fp32 rounding may flip a near-tie
 
@@ -177,7 +178,7 @@ def test_gpu_large_codebook_memory():
     rows = torch.randperm(65536, device="cuda")[:64]
     d64 = brute_distances(x[rows], cb, "l2")  # on the GPU: 64 x 1M fp64
     regret = d64.gather(1, codes[rows, None]).squeeze(1) - d64.min(1).values
-    ref = (cb.float().square().sum(1) - 2 * x[rows].float() @ cb.float().T).argmin(1)  # same-precision torch
+    ref = same_precision_codes(x[rows], cb, "l2")
     ref_regret = d64.gather(1, ref[:, None]).squeeze(1) - d64.min(1).values
     assert float(regret.max()) <= 2 * float(ref_regret.max()) + 1e-3
 

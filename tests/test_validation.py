@@ -38,7 +38,14 @@ def _on(dev, v):
     return v.to(dev) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
 
 
-@pytest.mark.parametrize("fn", [vq.nearest_code, vq.quantize], ids=["nearest_code", "quantize"])
+def _sample(x, codebook, *, metric, exact, backend):
+    """sample_code with the search ops' signature (it has a seed where they have ``exact``)."""
+    if exact is not False:
+        pytest.skip("sample_code has no exact argument")
+    return vq.sample_code(x, codebook, metric=metric, seed=0, backend=backend)
+
+
+@pytest.mark.parametrize("fn", [vq.nearest_code, vq.quantize, _sample], ids=["nearest_code", "quantize", "sample"])
 @pytest.mark.parametrize("bd", BACKEND_DEVICES)
 @pytest.mark.parametrize("case", SEARCH_CASES, ids=[c[0] for c in SEARCH_CASES])
 def test_bad_search_input(case, bd, fn):
@@ -47,6 +54,24 @@ def test_bad_search_input(case, bd, fn):
     args = {k: _on(dev, v) for k, v in (dict(x=X, codebook=CB, metric="l2", exact=False) | override).items()}
     with pytest.raises(exc, match=msg):
         fn(args["x"], args["codebook"], metric=args["metric"], exact=args["exact"], backend=backend)
+
+
+SAMPLE_CASES = [
+    ("no rows", dict(x=X[:0]), ValueError, "at least one row"),
+    ("negative seed", dict(seed=-1), ValueError, "seed must be"),
+    ("seed too large", dict(seed=1 << 64), ValueError, "seed must be"),
+    ("float seed", dict(seed=1.0), ValueError, "seed must be"),
+]
+
+
+@pytest.mark.parametrize("bd", BACKEND_DEVICES)
+@pytest.mark.parametrize("case", SAMPLE_CASES, ids=[c[0] for c in SAMPLE_CASES])
+def test_bad_sample_input(case, bd):
+    backend, dev = bd
+    _, override, exc, msg = case
+    args = {k: _on(dev, v) for k, v in (dict(x=X, codebook=CB, seed=3) | override).items()}
+    with pytest.raises(exc, match=msg):
+        vq.sample_code(args["x"], args["codebook"], seed=args["seed"], backend=backend)
 
 
 CODE_STATS_CASES = [
@@ -86,6 +111,10 @@ def test_cpp_ops_check_their_arguments_too():
         ops.nearest_code(X, CB[:0], "l2", False)
     with pytest.raises(ValueError, match="codes must lie in"):
         ops.code_stats(X, torch.full((10,), 9), 6)
+    with pytest.raises(ValueError, match="at least one row"):
+        ops.sample_code(X[:0], CB, "l2", 0)
+    with pytest.raises(ValueError, match="x contains non-finite"):
+        ops.sample_code(X.clone().fill_(float("nan")), CB, "l2", 0)
 
 
 def test_unknown_and_wrong_device_backend():
@@ -93,10 +122,12 @@ def test_unknown_and_wrong_device_backend():
         vq.nearest_code(X, CB, backend="tpu")
     with pytest.raises(ValueError, match="runs on cpu"):
         dispatch.select("cpu", torch.device("cuda"))
+    assert "runs on cpu tensors, not cuda" in dispatch.BACKENDS["cpu"].why_not("cuda")
 
 
 def test_unavailable_backend_says_why(monkeypatch):
-    fake = dispatch.Backend("cpu", ("cpu",), lambda: "it was not compiled (test)", "")
+    fake = dispatch.Backend("cpu", ("cpu",), "", "", checks_finite=True,
+                            build_why_not=lambda: "it was not compiled (test)")
     monkeypatch.setitem(dispatch.BACKENDS, "cpu", fake)
     with pytest.raises(RuntimeError, match="it was not compiled"):
         vq.nearest_code(X, CB, backend="cpu")
@@ -160,3 +191,24 @@ def test_triton_backend_loads_where_it_should():
         pytest.skip("no GPU and no TRITON_INTERPRET")
     assert vqt.load(), vqt.load_error
     assert dispatch.BACKENDS["triton"].why_not() is None
+    assert dispatch.BACKENDS["triton"].available("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("bd", BACKEND_DEVICES)
+def test_non_finite_policy_of_the_backend_table(bd):
+    """A backend marked ``checks_finite`` refuses NaN/Inf in its own ops (its kernels read every element anyway);
+    for the others the check is vqkernels.ops's, before the launch (tested above through the public API)."""
+    backend, dev = bd
+    b = dispatch.BACKENDS[backend]
+    bad_x = X.clone().index_fill_(0, torch.tensor([3]), float("nan")).to(dev)
+    bad_cb = CB.clone().index_fill_(0, torch.tensor([2]), float("inf")).to(dev)
+    calls = {"nearest_code": lambda x, cb: b.op("nearest_code")(x, cb, "l2", False),
+             "quantize": lambda x, cb: b.op("quantize")(x, cb, "cosine", True),
+             "sample_code": lambda x, cb: b.op("sample_code")(x, cb, "dot", 7)}
+    for name, call in calls.items():
+        for x, cb, which in ((bad_x, CB.to(dev), "x"), (X.to(dev), bad_cb, "codebook")):
+            if b.checks_finite:
+                with pytest.raises(ValueError, match=f"{which} contains non-finite"):
+                    call(x, cb)
+            else:
+                call(x, cb)  # no check of its own: it runs (on garbage), vqkernels.ops is the gate

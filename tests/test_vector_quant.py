@@ -1,4 +1,4 @@
-"""VectorQuant / GroupVectorQuant / ResidualVectorQuant: the formulas of METHODS §2 are the oracle (fp64)."""
+"""VectorQuant / GroupVectorQuant / ResidualVectorQuant: the formulas of README "Method" §2 are the oracle (fp64)."""
 
 import pytest
 import torch

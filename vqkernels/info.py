@@ -1,4 +1,5 @@
-"""``python -m vqkernels.info``: versions, build flags and every backend's availability with the reason."""
+"""``python -m vqkernels.info``: versions, build flags, and every backend of the table with its ops and, per
+device type, whether it runs here and why not."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from . import _ext
 from ._version import __version__
-from .dispatch import BACKENDS
+from .dispatch import BACKENDS, OPS
 
 
 def collect() -> dict:
@@ -33,7 +34,7 @@ def collect() -> dict:
         "extension": "loaded" if _ext.available() else f"missing: {_ext.load_error}",
         "extension_cuda": _ext.with_cuda(),
         "cpu_bf16_tile_kernel": getattr(_ext.C, "cpu_bf16_tile_kernel", None) if _ext.available() else None,
-        "backends": {name: (b.why_not() or "available") for name, b in BACKENDS.items()},
+        "backends": {name: {dev: b.why_not(dev) or "available" for dev in b.devices} for name, b in BACKENDS.items()},
     }
 
 
@@ -61,11 +62,13 @@ def main(argv=None) -> int:
         if key == "backends":
             continue
         print(f"{key:<{width}}  {value}")
-    print("backends:")
+    print("backends (each implements " + ", ".join(OPS) + "):")
     for name, b in BACKENDS.items():
-        why = b.why_not()
-        state = "available" if why is None else f"unavailable: {why}"
-        print(f"  {name:<8} [{', '.join(b.devices)}] {state}\n           {b.summary}")
+        print(f"  {name:<8} {b.summary}")
+        print(f"           ops vqkernels::<op>{b.suffix}")
+        for dev in b.devices:
+            why = b.why_not(dev)
+            print(f"           {dev:<5} {'available' if why is None else 'unavailable: ' + why}")
     return 0
 
 

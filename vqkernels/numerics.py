@@ -236,7 +236,7 @@ def gumbel_noise(seed: tuple[int, int], rows: Tensor, codes: Tensor, dtype: torc
     return gumbel_from_keys(index_keys(codes, s_code), index_keys(rows, s_row), dtype)
 
 
-def check_seed(seed) -> int:
+def check_seed(seed: object) -> int:
     """``seed`` as given, after checking that it is an int in ``[0, 2^64)``."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
         raise ValueError(f"seed must be an int in [0, 2^64); got {seed!r}")

@@ -13,7 +13,7 @@ It also carries the few numerics the layers build on (``COS_EPS``, :func:`acc_dt
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -59,23 +59,24 @@ class Quantized(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------
 # Fakes: shapes and dtypes only, one per op name, shared by every backend.
 # ---------------------------------------------------------------------------------------------------------------
-def _fake_nearest_code(x, codebook, metric, exact):
+def _fake_nearest_code(x: Tensor, codebook: Tensor, metric: str, exact: bool) -> tuple[Tensor, Tensor]:
     n = x.shape[0]
     return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=acc_dtype(x.dtype))
 
 
-def _fake_quantize(x, codebook, metric, exact):
+def _fake_quantize(x: Tensor, codebook: Tensor, metric: str,
+                   exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     codes, dist = _fake_nearest_code(x, codebook, metric, exact)
     return codes, codebook.new_empty(x.shape[0], codebook.shape[1]), dist, x.new_empty(
         codebook.shape[0], dtype=torch.int64)
 
 
-def _fake_code_stats(x, codes, num_codes):
+def _fake_code_stats(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
     return (x.new_empty(num_codes, x.shape[1], dtype=acc_dtype(x.dtype)),
             x.new_empty(num_codes, dtype=torch.int64))
 
 
-def _fake_sample_code(x, codebook, metric, seed):
+def _fake_sample_code(x: Tensor, codebook: Tensor, metric: str, seed: int) -> Tensor:
     return x.new_empty(codebook.shape[0], dtype=torch.int64)
 
 
@@ -87,7 +88,7 @@ _FAKES = {"nearest_code": _fake_nearest_code, "quantize": _fake_quantize, "code_
 # Autograd of quantize: only z_q is differentiable, and only w.r.t. the codebook (codes are piecewise constant).
 # nearest_code, code_stats and sample_code have no differentiable output.
 # ---------------------------------------------------------------------------------------------------------------
-def _quantize_autograd(code_stats_op):
+def _quantize_autograd(code_stats_op: Callable) -> tuple[Callable, Callable]:
     def setup_context(ctx, inputs, output):
         _, codebook, _, _ = inputs
         codes, _, dist, counts = output
@@ -128,7 +129,7 @@ _register_table()
 # ---------------------------------------------------------------------------------------------------------------
 # Argument checks (static metadata only, so they trace under torch.compile).
 # ---------------------------------------------------------------------------------------------------------------
-def check_matrix(t, name: str) -> None:
+def check_matrix(t: object, name: str) -> None:
     """``t`` is a 2-D floating tensor (fp64/fp32/bf16/fp16); errors name ``name``."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -138,7 +139,7 @@ def check_matrix(t, name: str) -> None:
         raise TypeError(f"{name} must be float64/float32/bfloat16/float16; got {t.dtype}")
 
 
-def check_pair(x, codebook, metric: str, same_dtype: bool = True) -> None:
+def check_pair(x: object, codebook: object, metric: str, same_dtype: bool = True) -> None:
     """x ``[N, D]`` and codebook ``[K >= 1, D]``: floating, same D and device (and dtype); a known metric."""
     check_matrix(x, "x")
     check_matrix(codebook, "codebook")
@@ -170,7 +171,7 @@ def _backend(backend: str, device: torch.device, *finite: tuple[Tensor, str]) ->
     return b
 
 
-def _check_search(x, codebook, metric: str, exact) -> None:
+def _check_search(x: object, codebook: object, metric: str, exact: object) -> None:
     check_pair(x, codebook, metric)
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be a bool; got {type(exact).__name__}")

@@ -1,4 +1,4 @@
-"""Hardware ceilings and the derived lower bound on the time of a fused VQ search (PERFORMANCE.md).
+"""Hardware ceilings and the derived lower bound on the time of a fused VQ search (README "Benchmarking").
 
 The bound of one ``quantize`` call on ``N x D`` rows and a ``K x D`` codebook is the largest of
 - compute: ``2 N K D`` FLOPs at the dtype's peak (tensor cores on GPUs; fp32 uses TF32 only when torch allows it);

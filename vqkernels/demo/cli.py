@@ -8,8 +8,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..bench import _names as bench_names
 from ..bench import machine_info
+from ..bench import parse_names as bench_names
 from ..dispatch import BACKENDS, select
 from . import __doc__ as DOC
 from .data import DATASETS

@@ -87,7 +87,7 @@ def codebook_only_sgd(num_codes: int, lr: float, momentum: float) -> Callable[[l
     """An ``inplace_optimizer`` that steps the codebook (the ``[K, D]`` parameter) by SGD and leaves the affine
     parameters (``[G, D]``) to the task optimizer, as vqtorch does.
 
-    Our layer hands the affine parameters to the in-place optimizer too (METHODS §2.4). vqtorch's SGD(lr=50) is
+    Our layer hands the affine parameters to the in-place optimizer too (README "Method" §2.4). vqtorch's SGD(lr=50) is
     sized for the codes (about a Lloyd step for a code that holds the whole batch when D = 32); on
     ``A = 1 + affine_lr * s`` the same step is affine_lr^2 times larger, and training diverges."""
     def make(params) -> torch.optim.Optimizer:

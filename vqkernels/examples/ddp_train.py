@@ -1,4 +1,4 @@
-"""Train a small VQ autoencoder on scikit-learn's digits with 2 ranks of torch.distributed (METHODS §4).
+"""Train a small VQ autoencoder on scikit-learn's digits with 2 ranks of torch.distributed (README "Method" §4).
 
     python -m vqkernels.examples.ddp_train                 # 2 CPU processes, gloo
     python -m vqkernels.examples.ddp_train --backend nccl  # 2 GPUs

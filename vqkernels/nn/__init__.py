@@ -1,5 +1,5 @@
 """Drop-in VQ layers built on the fused ops: vqtorch-compatible ``VectorQuant``, ``GroupVectorQuant``,
-``ResidualVectorQuant`` and CVQ-VAE-compatible ``VectorQuantiser`` (METHODS §2, §3)."""
+``ResidualVectorQuant`` and CVQ-VAE-compatible ``VectorQuantiser`` (README "Method" §2, §3)."""
 
 from __future__ import annotations
 

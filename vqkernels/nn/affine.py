@@ -1,4 +1,4 @@
-"""Affine re-parameterisation of the codebook (Huh et al. 2023, §4.1; METHODS §2.3).
+"""Affine re-parameterisation of the codebook (Huh et al. 2023, §4.1; README "Method" §2.3).
 
 Codes are split into ``groups`` contiguous blocks of K/G codes; code k of block g is used as
 ``c_hat_k = A_g * c_k + bias_g``. Learned mode: ``A = 1 + lr_scale * scale``, ``bias = lr_scale * bias_param`` with

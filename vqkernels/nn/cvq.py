@@ -1,4 +1,4 @@
-"""Functional pieces of CVQ anchor replacement (METHODS §3).
+"""The maths of CVQ anchor replacement (README "Method" §3), as functions on tensors.
 
 From "Online Clustered Codebook" (Zheng & Vedaldi, ICCV 2023), re-derived from the paper, not from its code:
 
@@ -8,25 +8,23 @@ From "Online Clustered Codebook" (Zheng & Vedaldi, ICCV 2023), re-derived from t
   (:func:`apply_anchor_update`).
 - §3.2 anchor sampling: "closest" (:func:`closest_anchors`), "random" (:func:`update_feature_pool`,
   :func:`random_anchors`) and "probrandom" (:func:`sample_anchor_rows`, :func:`probrandom_anchors`).
-- §3.3 contrastive loss (:func:`contrastive_loss`).
+- §3.3 contrastive loss (:func:`contrastive_loss`, in :mod:`.contrastive`).
 
-Nothing here holds an N x K matrix: the closest anchor is the swapped-role search
-``nearest_code(codebook, x)`` (METHODS §1); sampling and the contrastive loss work on bounded
-``codes x rows`` blocks of at most ``chunk_elems`` elements (the contrastive loss needs every row of a code
-at once, so its blocks hold ``max(N, chunk_elems)`` elements at most).
+Nothing here holds an N x K matrix: the closest anchor is the swapped-role search ``nearest_code(codebook, x)``
+and the probrandom draw is :func:`vqkernels.sample_code` (Gumbel-max in the search's epilogue; README
+"Method" §1). :mod:`.anchors` applies these to a layer's buffers.
 
-Every function except :func:`contrastive_loss` runs under ``torch.no_grad()``. Arithmetic accumulates in fp32
-(fp64 when an input is fp64).
+Every function here runs under ``torch.no_grad()``. Arithmetic accumulates in fp32 (fp64 when an input is fp64).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ..ops import COS_EPS, check_matrix, gumbel_noise, nearest_code
+from ..ops import check_matrix, gumbel_noise, nearest_code
+from .contrastive import contrastive_loss
 
 __all__ = [
     "update_usage_ema",
@@ -44,13 +42,13 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------------------------
-def _check_decay(decay) -> float:
+def _check_decay(decay: object) -> float:
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < float(decay) < 1.0:
         raise ValueError(f"decay must be a number in (0, 1); got {decay!r}")
     return float(decay)
 
 
-def _check_vector(t, name: str, length: int | None = None) -> None:
+def _check_vector(t: object, name: str, length: int | None = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if t.dim() != 1 or (length is not None and t.shape[0] != length):
@@ -58,18 +56,18 @@ def _check_vector(t, name: str, length: int | None = None) -> None:
         raise ValueError(f"{name} must have shape {want}; got {tuple(t.shape)}")
 
 
-def _check_pair(x, codebook, metric) -> None:
+def _check_pair(x: object, codebook: object, metric: str) -> None:
     """x ``[N, D]`` and codebook ``[K >= 1, D]`` (dtypes may differ): floating, same D and device; a known
     metric."""
     ops.check_pair(x, codebook, metric, same_dtype=False)
 
 
-def _check_generator(generator) -> None:
+def _check_generator(generator: object) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
 
 
-def _check_chunk(chunk_elems) -> int:
+def _check_chunk(chunk_elems: object) -> int:
     if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, int) or chunk_elems < 1:
         raise ValueError(f"chunk_elems must be a positive int; got {chunk_elems!r}")
     return chunk_elems
@@ -90,7 +88,7 @@ def _rng_device(generator: torch.Generator | None, device: torch.device) -> torc
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def update_usage_ema(h: Tensor, counts: Tensor, num_rows: int, decay: float) -> None:
-    """In place ``h <- decay * h + (1 - decay) * counts / num_rows`` (CVQ §3.2; METHODS §3.1).
+    """In place ``h <- decay * h + (1 - decay) * counts / num_rows`` (CVQ §3.2; README "Method" §3.1).
 
     Args:
         h: float ``[K]`` usage EMA (fp32 buffer ``embed_prob``), updated in place.
@@ -113,7 +111,7 @@ def update_usage_ema(h: Tensor, counts: Tensor, num_rows: int, decay: float) -> 
 
 @torch.no_grad()
 def anchor_alpha(h: Tensor, decay: float) -> Tensor:
-    """Per-code decay ``alpha_k = exp(-h_k * K * 10 / (1 - decay) - 1e-3)`` (CVQ §3.2; METHODS §3.2).
+    """Per-code decay ``alpha_k = exp(-h_k * K * 10 / (1 - decay) - 1e-3)`` (CVQ §3.2; README "Method" §3.2).
 
     ``h`` float ``[K]``; returns ``[K]`` in ``h``'s dtype. Never-used codes (h = 0) get ``exp(-1e-3)`` ~ 1
     (moved onto their anchor), codes used at the uniform rate (h = 1/K) get ``exp(-10 / (1 - decay))`` ~ 0
@@ -130,7 +128,7 @@ def anchor_alpha(h: Tensor, decay: float) -> Tensor:
 
 @torch.no_grad()
 def apply_anchor_update(codebook: Tensor, anchors: Tensor, alpha: Tensor) -> None:
-    """In place ``c_k <- (1 - alpha_k) c_k + alpha_k a_k`` (CVQ §3.2; METHODS §3.4), computed in fp32 (fp64).
+    """In place ``c_k <- (1 - alpha_k) c_k + alpha_k a_k`` (CVQ §3.2; README "Method" §3.4), computed in fp32 (fp64).
 
     Args:
         codebook: ``[K, D]`` codes (e.g. the embedding weight), updated in place.
@@ -159,7 +157,7 @@ def closest_anchors(x: Tensor, codebook: Tensor, metric: str = "l2", backend: st
                     exact: bool = False) -> Tensor:
     """For each code, the batch row nearest to it (CVQ §3.2 "closest" anchor), ``[K, D]`` in ``x``'s dtype.
 
-    The swapped-role search ``nearest_code(codebook, x)`` (METHODS §1): no N x K matrix and no sort. Ties go
+    The swapped-role search ``nearest_code(codebook, x)`` (README "Method" §1): no N x K matrix and no sort. Ties go
     to the lowest row index. ``exact=True`` makes the choice equal the fp64 brute-force argmin (see
     :func:`vqkernels.nearest_code`). ``x`` ``[N >= 1, D]``, ``codebook`` ``[K, D]``.
     """
@@ -172,29 +170,8 @@ def closest_anchors(x: Tensor, codebook: Tensor, metric: str = "l2", backend: st
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# §3.2 anchors: "probrandom" (Gumbel-max sampling, METHODS §1)
+# §3.2 anchors: "probrandom" (vqkernels.sample_code: Gumbel-max in the search's epilogue)
 # ---------------------------------------------------------------------------------------------------------------
-def _prepare_rows(x: Tensor, metric: str, acc: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """x in ``acc`` (unit rows for cosine) and, for l2, its squared norms."""
-    xa = x.to(acc)
-    if metric == "cosine":
-        return xa / xa.norm(dim=1, keepdim=True).clamp_min(COS_EPS), None
-    if metric == "l2":
-        return xa, (xa * xa).sum(1)
-    return xa, None
-
-
-def _similarity_block(c: Tensor, xa: Tensor, xsq: Tensor | None, metric: str) -> Tensor:
-    """``s(x_i, c_k)`` ``[k, r]`` for a block (codes major): ``-d`` of METHODS §1 for l2 (``d`` clamped at 0),
-    ``cos`` for cosine, ``x . c`` for dot. ``c`` ``[k, D]``; ``xa``, ``xsq`` from :func:`_prepare_rows`."""
-    dot = c @ xa.T
-    if metric == "l2":
-        return (2.0 * dot - (c * c).sum(1)[:, None] - xsq[None, :]).clamp_max(0.0)
-    if metric == "cosine":  # xa holds unit rows
-        return dot / c.norm(dim=1).clamp_min(COS_EPS)[:, None]
-    return dot
-
-
 @torch.no_grad()
 def sample_anchor_rows(x: Tensor, codebook: Tensor, metric: str = "l2",
                        generator: torch.Generator | None = None, chunk_elems: int = 1 << 22,
@@ -232,7 +209,7 @@ def probrandom_anchors(x: Tensor, codebook: Tensor, metric: str = "l2",
 # ---------------------------------------------------------------------------------------------------------------
 # §3.2 anchors: "random" (a pool of recent batch rows)
 # ---------------------------------------------------------------------------------------------------------------
-def _check_pool(pool, filled) -> None:
+def _check_pool(pool: object, filled: object) -> None:
     check_matrix(pool, "pool")
     if pool.shape[0] == 0:
         raise ValueError("pool must hold at least one row; got K = 0")
@@ -300,93 +277,3 @@ def random_anchors(pool: Tensor, filled: Tensor, generator: torch.Generator | No
         return pool.clone()
     idx = torch.randint(0, n, (k,), generator=generator, device=_rng_device(generator, pool.device))
     return pool.index_select(0, idx.to(pool.device))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# §3.3 contrastive loss
-# ---------------------------------------------------------------------------------------------------------------
-def _contrastive_block(xa: Tensor, xsq: Tensor | None, c: Tensor, metric: str, tau: float, num_pos: int,
-                       num_neg: int) -> Tensor:
-    """Sum over the codes of block ``c`` ``[k, D]`` of the cross-entropy of ``[pos, negs] / tau`` (target 0).
-    """
-    s = _similarity_block(c, xa, xsq, metric)  # [k, N]
-    pos = s.topk(num_pos, dim=1, sorted=False).values.mean(1, keepdim=True)  # [k, 1]
-    if num_neg > 0:
-        neg = s.topk(num_neg, dim=1, largest=False, sorted=False).values  # [k, M]
-        logits = torch.cat([pos, neg], 1) / tau  # [k, 1 + M]
-    else:
-        logits = pos / tau
-    return (torch.logsumexp(logits, 1) - logits[:, 0]).sum()
-
-
-def _contrastive_sum(xa, xsq, cb, metric, tau, chunk_elems, grad_out: Tensor | None = None):
-    """Forward (``grad_out`` None): summed loss. Backward: gradient w.r.t. ``cb`` of ``grad_out * sum``."""
-    n, k = xa.shape[0], cb.shape[0]
-    num_pos, num_neg = max(1, n // k), n // 2
-    kb = min(k, max(1, chunk_elems // n))
-    if grad_out is None:
-        total = torch.zeros((), dtype=xa.dtype, device=xa.device)
-        for k0 in range(0, k, kb):
-            total += _contrastive_block(xa, xsq, cb[k0:k0 + kb], metric, tau, num_pos, num_neg)
-        return total
-    grad = torch.empty_like(cb)
-    for k0 in range(0, k, kb):  # recompute block by block: only one block's graph is alive at a time
-        with torch.enable_grad():
-            c = cb[k0:k0 + kb].detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(_contrastive_block(xa, xsq, c, metric, tau, num_pos, num_neg), c)
-        grad[k0:k0 + kb] = g * grad_out
-    return grad
-
-
-class _ContrastiveLoss(torch.autograd.Function):
-    """Mean over codes of the per-code contrastive cross-entropy; x is a constant. Forward and backward both
-    walk the codes in blocks (backward recomputes each block), so neither holds N x K nor an N x K autograd
-    graph.
-
-    The backward uses a private copy of the codebook (``[K, D]``, cheap) taken in the forward: the layers
-    update their codes in place after the forward (anchor update, METHODS §3.4), and the gradient must be the
-    one at the values the loss saw."""
-
-    @staticmethod
-    def forward(ctx, codebook: Tensor, x: Tensor, metric: str, tau: float, chunk_elems: int) -> Tensor:
-        acc = _acc(x.dtype, codebook.dtype)
-        ca = codebook.detach().to(acc, copy=True)
-        ctx.save_for_backward(ca, x)
-        ctx.metric, ctx.tau, ctx.chunk_elems, ctx.cb_dtype = metric, tau, chunk_elems, codebook.dtype
-        if x.shape[0] == 0:
-            return torch.zeros((), dtype=acc, device=codebook.device)
-        xa, xsq = _prepare_rows(x, metric, acc)
-        total = _contrastive_sum(xa, xsq, ca, metric, tau, chunk_elems)
-        return total / codebook.shape[0]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        ca, x = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        if x.shape[0] == 0:
-            return torch.zeros_like(ca, dtype=ctx.cb_dtype), None, None, None, None
-        xa, xsq = _prepare_rows(x, ctx.metric, ca.dtype)
-        g = _contrastive_sum(xa, xsq, ca, ctx.metric, ctx.tau, ctx.chunk_elems,
-                             grad_out=grad_out.to(ca.dtype) / ca.shape[0])
-        return g.to(ctx.cb_dtype), None, None, None, None
-
-
-def contrastive_loss(x: Tensor, codebook: Tensor, metric: str = "l2", tau: float = 0.07,
-                     chunk_elems: int = 1 << 22) -> Tensor:
-    """CVQ's contrastive term (CVQ §3.3; METHODS §3.5), a scalar (fp32; fp64 if an input is fp64).
-
-    Similarity ``s(x_i, c_k) = -d(x_i, c_k)`` of METHODS §1 (``cos`` for cosine, ``x . c`` for dot). Per code
-    k: positive = mean of its top ``max(1, N // K)`` similarities over the batch, negatives = its ``N // 2``
-    lowest; the loss is the cross-entropy of ``[pos, negs] / tau`` with target 0, averaged over the K codes.
-
-    The gradient reaches the codebook only (``x`` is detached). Computed in blocks of codes of about
-    ``chunk_elems`` similarities (at least one code, i.e. N values); the backward recomputes block by block.
-    ``x`` ``[N, D]`` (N = 0 gives 0), ``codebook`` ``[K, D]``.
-    """
-    _check_pair(x, codebook, metric)
-    chunk_elems = _check_chunk(chunk_elems)
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not float(tau) > 0.0:
-        raise ValueError(f"tau must be a positive number; got {tau!r}")
-    return _ContrastiveLoss.apply(codebook, x.detach(), metric, float(tau), chunk_elems)

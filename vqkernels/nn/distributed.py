@@ -1,10 +1,12 @@
-"""Keeping every rank's codebook identical under ``torch.distributed`` (METHODS §4), with its collectives only.
+"""The collectives that keep every rank's codebook identical under ``torch.distributed`` (README "Method" §4).
 
-The gradient path needs nothing of ours (DDP all-reduces the gradients). The non-gradient updates do:
+The gradient path needs nothing of ours (DDP all-reduces the gradients). The non-gradient updates do, and each
+update module holds its own sync (:mod:`.codebook` the running affine, :mod:`.kmeans_init`, :mod:`.dead_codes`,
+:mod:`.anchors`) built from the helpers here:
 
 - usage counts and row counts are summed over ranks before the usage EMA and the LRU counters see them;
 - running-statistics affine moments are summed (sum, sum of squares, count) before they are folded in;
-- k-means init fits on the rows of every rank (gathered, at most ``KMEANS_MAX_ROWS`` of them) on rank 0;
+- k-means init fits on the rows of every rank (gathered, at most ``kmeans_init.KMEANS_MAX_ROWS``) on rank 0;
 - the "closest" anchor of a code is the globally nearest row: every rank proposes its nearest row and its distance,
   the smallest distance wins (ties: the lowest rank, i.e. the lowest index of the concatenated batch), so the
   update equals a single-process run on the concatenated batch;
@@ -22,8 +24,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-KMEANS_MAX_ROWS = 1 << 16  # rows gathered for the k-means init (a uniform sample of each rank's share)
-
 
 def enabled(sync: bool | None) -> bool:
     """Whether to synchronise: ``sync=None`` means "when a process group of more than one rank is initialised"."""
@@ -39,6 +39,12 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     out = t.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def global_counts(counts: Tensor, num_rows: int) -> tuple[Tensor, int]:
+    """Usage counts ``[K]`` and the number of rows behind them, summed over ranks (one collective)."""
+    tot = all_reduce_sum(torch.cat([counts.to(torch.int64), torch.tensor([num_rows], device=counts.device)]))
+    return tot[:-1], int(tot[-1])
 
 
 def all_gather_rows(rows: Tensor, max_rows: int | None = None) -> Tensor:

@@ -31,7 +31,7 @@ def gather_codes(codebook: Tensor, codes: Tensor) -> Tensor:
 
 
 def perplexity(counts: Tensor) -> Tensor:
-    """``exp(-sum_k p_k log p_k)`` with ``p = counts / counts.sum()`` (METHODS §5); 0-dim fp32."""
+    """``exp(-sum_k p_k log p_k)`` with ``p = counts / counts.sum()`` (README "Method" §5); 0-dim fp32."""
     p = counts.to(torch.float32) / counts.sum().clamp_min(1).to(torch.float32)
     return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
@@ -88,7 +88,7 @@ class _VQLoss(torch.autograd.Function):
 
 
 def convex_vq_loss(x: Tensor, z_q: Tensor, beta: float) -> Tensor:
-    """vqtorch's loss ``(1 - beta) mean((x - sg(z_q))^2) + beta mean((sg(x) - z_q)^2)`` (METHODS §2.1), a scalar in
+    """vqtorch's loss ``(1 - beta) mean((x - sg(z_q))^2) + beta mean((sg(x) - z_q)^2)`` (README "Method" §2.1), a scalar in
     fp32 (fp64 for fp64 inputs). ``x``, ``z_q``: ``[N, D]``."""
     return _VQLoss.apply(x, z_q, 1.0 - float(beta), float(beta))
 

@@ -1,4 +1,4 @@
-"""``GroupVectorQuant``: features split into G sub-vectors, each quantised (METHODS §2.8)."""
+"""``GroupVectorQuant``: features split into G sub-vectors, each quantised (README "Method" §2.8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""k-means on the fused ops (METHODS §2.5): k-means++ seeding and Lloyd iterations.
+"""k-means on the fused ops (README "Method" §2.5): k-means++ seeding and Lloyd iterations.
 
 Every assignment is a :func:`vqkernels.nearest_code` search and every centroid update a
 :func:`vqkernels.code_stats` reduction, so nothing here ever holds an N x K matrix: the extra memory is O(N + K·D)
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Generator, Tensor
 
 from ..ops import COS_EPS, acc_dtype, check_finite, code_stats, distances, nearest_code, paired_distances, resolve_backend
 
@@ -47,7 +47,7 @@ class KMeansResult(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------------------------
-def _check_common(x, num_codes, metric, generator, backend) -> int:
+def _check_common(x: object, num_codes: object, metric: str, generator: object, backend: str) -> int:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
     if x.dim() != 2:
@@ -91,17 +91,17 @@ def _multinomial(weights: Tensor, n: int, generator: torch.Generator | None, rep
     return idx.to(weights.device)
 
 
-def _randint(high: int, n: int, generator, device) -> Tensor:
+def _randint(high: int, n: int, generator: Generator | None, device: torch.device) -> Tensor:
     dev = device if generator is None else generator.device
     return torch.randint(high, (n,), generator=generator, device=dev).to(device)
 
 
-def _randperm(n: int, generator, device) -> Tensor:
+def _randperm(n: int, generator: Generator | None, device: torch.device) -> Tensor:
     dev = device if generator is None else generator.device
     return torch.randperm(n, generator=generator, device=dev).to(device)
 
 
-def _randn(shape, generator, like: Tensor) -> Tensor:
+def _randn(shape: tuple[int, ...] | torch.Size, generator: Generator | None, like: Tensor) -> Tensor:
     dev = like.device if generator is None else generator.device
     return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
 
@@ -123,7 +123,7 @@ def _duplicates(c: Tensor) -> Tensor:
     return pos != first[inv]
 
 
-def _make_distinct(c: Tensor, out_dtype: torch.dtype, scale: Tensor, generator, spherical: bool,
+def _make_distinct(c: Tensor, out_dtype: torch.dtype, scale: Tensor, generator: Generator | None, spherical: bool,
                    max_tries: int = 30) -> bool:
     """Jitter (in place) the rows of ``c`` that equal an earlier row once rounded to ``out_dtype``.
 
@@ -153,7 +153,7 @@ def _dist_rows(xs: Tensor, seeds: Tensor, metric: str) -> Tensor:
     return distances(seeds, xs, metric).clamp_min_(0)
 
 
-def _seed_with_replacement(xs: Tensor, k: int, generator) -> Tensor:
+def _seed_with_replacement(xs: Tensor, k: int, generator: Generator | None) -> Tensor:
     """``K >= N``: every row once (random order), then ``K - N`` rows drawn uniformly with replacement."""
     n = xs.shape[0]
     idx = _randperm(n, generator, xs.device)
@@ -162,7 +162,8 @@ def _seed_with_replacement(xs: Tensor, k: int, generator) -> Tensor:
     return xs[idx]
 
 
-def _kmeanspp_idx(xs: Tensor, k: int, metric: str, generator, local_trials: int | None = None) -> Tensor:
+def _kmeanspp_idx(xs: Tensor, k: int, metric: str, generator: Generator | None,
+                  local_trials: int | None = None) -> Tensor:
     """k-means++ seeding of the working rows ``xs [N, D]`` (unit rows for cosine), ``K < N``: indices ``[K]``.
 
     Arthur & Vassilvitskii 2007: the first seed is uniform; every next seed is drawn with probability ∝ the
@@ -262,7 +263,8 @@ def kmeans(x: Tensor, num_codes: int, *, iters: int = 20, tol: float = 1e-4, met
         tol: stop when ``(prev_inertia - inertia) <= tol * prev_inertia``.
         metric: ``"l2"`` or ``"cosine"``.
         generator: source of randomness; deterministic for a seeded generator.
-        backend: backend of the ops (``"auto"``, ``"cpu"``, ``"torch"``).
+        backend: backend of the ops (``"auto"`` or a name of ``python -m vqkernels.info``: ``"cpu"``,
+            ``"cuda"``, ``"triton"``, ``"torch"``).
         progress: show a tqdm bar over the iterations (silently skipped when tqdm is missing).
 
     Returns:
@@ -337,7 +339,7 @@ def _finish(xs: Tensor, c: Tensor, out_dtype: torch.dtype, metric: str, backend:
     return KMeansResult(centroids, codes, _inertia(xs, cw, codes, metric), iterations)
 
 
-def _progress_bar(total: int):
+def _progress_bar(total: int) -> Any:
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress is cosmetic

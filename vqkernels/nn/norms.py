@@ -1,4 +1,4 @@
-"""Input and codebook normalisations (METHODS §2.7), applied to vectors with the feature axis last."""
+"""Input and codebook normalisations (README "Method" §2.7), applied to vectors with the feature axis last."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``VectorQuantiser``: a drop-in for CVQ-VAE's quantiser (Zheng & Vedaldi, ICCV 2023; METHODS §3)."""
+"""``VectorQuantiser``: a drop-in for CVQ-VAE's quantiser (Zheng & Vedaldi, ICCV 2023; README "Method" §3)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class VectorQuantiser(VQBase):
         contras_loss: add the contrastive term (tau = 0.07).
         anchor_decay: gamma of the usage EMA ``embed_prob``.
         return_encodings: build the N x K one-hot ``encodings`` (off by default: it is N x K).
-        backend: backend of the ops.
+        backend: backend of the ops: "auto" or one of "cpu", "cuda", "triton", "torch".
 
     Forward: ``z [B, D, ...]`` -> ``(z_q [B, D, ...], loss, (perplexity, encodings or None, indices [N]))``.
     """

@@ -1,10 +1,11 @@
-"""``ResidualVectorQuant``: G stages, each quantising what the previous ones left (METHODS §2.8)."""
+"""``ResidualVectorQuant``: G stages, each quantising what the previous ones left (README "Method" §2.8)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from . import kmeans_init as km_init
 from .base import Segment, move_features_last
 from .functional import convex_vq_loss, perplexity, straight_through
 from .vector_quant import VectorQuant
@@ -40,7 +41,7 @@ class ResidualVectorQuant(VectorQuant):
             return x.movedim(-1, self.dim), {}
         shape = x.shape
         xf = x.reshape(-1, self.feature_size)
-        init = hasattr(self, "data_initialized") and self.training and self._kmeans_pending()
+        init = km_init.enabled(self) and self.training and km_init.pending(self)
         if self.training and self._running_affine():
             self._update_running_affine(xf.detach())
         cb, residual, total, losses, segments = None, xf, 0, [], []
@@ -49,7 +50,7 @@ class ResidualVectorQuant(VectorQuant):
             lo, hi = self._block(i)
             seg = Segment(residual.detach(), lo, hi)
             if init and (i == 0 or not self.share):  # k-means fits each block on the residual it quantises
-                self._kmeans_init([seg])
+                km_init.fit(self, [seg])
                 cb = None
             if cb is None:
                 cb = self.effective_codebook()
@@ -62,7 +63,7 @@ class ResidualVectorQuant(VectorQuant):
             segments.append(seg)
             residual = residual - res.z_q.detach()
         if init:
-            self.data_initialized.fill_(1)
+            km_init.mark_done(self)
         loss = torch.stack(losses).mean()
         if self.contrastive and self.training:
             loss = loss + sum(self._contrastive_loss(s.rows, cb[s.lo:s.hi]) for s in segments) / len(segments)

@@ -1,4 +1,4 @@
-"""``VectorQuant``: a drop-in for vqtorch's layer (Huh et al., ICML 2023) on the fused ops (METHODS §2)."""
+"""``VectorQuant``: a drop-in for vqtorch's layer (Huh et al., ICML 2023) on the fused ops (README "Method" §2)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ class VectorQuant(VQBase):
         metric: "l2" or "cosine" (search by angle; ``z_q`` and the loss use the effective codes).
         affine_mode: "learned" (default when ``affine_lr > 0``) or "running" (running statistics).
         kmeans_iters: Lloyd iterations of the k-means init.
-        anchor, anchor_decay, first_batch, contrastive: CVQ anchor replacement (METHODS §3), off by default.
-        backend: backend of the ops ("auto", "cpu", "torch", ...).
-        sync: keep codebooks and buffers identical on every rank of a torch.distributed process group (METHODS §4);
-            None: whenever a process group of more than one rank is initialised.
+        anchor, anchor_decay, first_batch, contrastive: CVQ anchor replacement (README "Method" §3), off by default.
+        backend: backend of the ops: "auto" or one of "cpu", "cuda", "triton", "torch".
+        sync: keep codebooks and buffers identical on every rank of a torch.distributed process group
+            (README "Method" §4); None: whenever a process group of more than one rank is initialised.
 
     Forward: ``z`` of any shape with ``feature_size`` on ``dim`` -> ``(z_q, out)`` where ``z_q`` has the shape
     of ``z`` and ``out`` holds ``z`` and ``z_q`` (``[..., 1, D]``), ``d`` (Euclidean distance, ``[..., 1]``; the

@@ -254,7 +254,8 @@ def exact_candidates() -> int:
     return _env_int("VQK_TRITON_EXACT_CANDIDATES", EXACT_LIST, 1, EXACT_LIST)
 
 
-def _finalize(x: Tensor, codebook: Tensor, metric: str, exact: bool, gather: bool):
+def _finalize(x: Tensor, codebook: Tensor, metric: str, exact: bool,
+              gather: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """Search + finalize: ``(codes, z_q or None, dist, counts or None)``."""
     n, d = x.shape
     k = codebook.shape[0]

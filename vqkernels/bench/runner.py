@@ -1,0 +1,62 @@
+"""One case of the op benchmark (a shape, a dtype and a metric): every baseline and backend timed, its peak memory
+measured and, for the backends, its result checked."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from torch import Tensor
+
+from .. import roofline
+from . import baselines
+from .cases import DTYPES, Shape, make_inputs
+from .check import check_quantized
+from .memory import measure_peak
+from .report import Row, add_ratios
+from .timing import measure_time
+
+
+def run_one(row: Row, fn: Callable[[], Any], x: Tensor, codebook: Tensor, min_time: float,
+            check: bool, bound_s: float | None = None) -> None:
+    """Fill ``row`` with the timing, peak memory and (backends, unless ``check`` is off) verdict of ``fn``.
+
+    Timing comes first: its warm-up keeps one-time costs (thread pools, JIT kernels) out of the peak memory of
+    the single call that is then measured and checked.
+    """
+    t = measure_time(fn, row.device, min_time)
+    row.median_ms, row.p20_ms, row.p80_ms, row.samples = t.median * 1e3, t.p20 * 1e3, t.p80 * 1e3, t.samples
+    row.gflops = 2 * row.N * row.K * row.D / t.median / 1e9
+    row.dists_per_s = row.N * row.K / t.median
+    if bound_s is not None:
+        row.bound_ms, row.pct_of_bound = bound_s * 1e3, 100 * bound_s / t.median
+    row.peak_extra_mib, out = measure_peak(fn, row.device)
+    if row.kind == "backend":
+        if check:
+            verdict = check_quantized(x, codebook, row.metric, out)
+            row.verdict, row.check = str(verdict), verdict.details
+        else:
+            row.verdict, row.check = "skipped", {}
+
+
+def run_case(shape: Shape, dtype_name: str, metric: str, device: str, backends: Sequence[str],
+             min_time: float, check: bool, peaks: roofline.Peaks | None = None) -> list[Row]:
+    """Every baseline and backend on one shape, dtype and metric; an exception fails that row only (a backend's:
+    FAIL; a baseline's: ERROR, which does not fail the run)."""
+    n, k, d = shape
+    x, codebook = make_inputs(n, k, d, DTYPES[dtype_name], device)
+    bound_s = None if peaks is None else roofline.bound_seconds(n, k, d, x.dtype, peaks)
+    rows = []
+    for name, fn in baselines.make_callables(x, codebook, metric, backends).items():
+        row = Row(n, k, d, dtype_name, metric, device, name, "baseline" if name in baselines.BASELINES else "backend")
+        rows.append(row)
+        skip = baselines.skip_reason(name, n, k, x.element_size())
+        if skip is not None:
+            row.verdict = skip
+            continue
+        try:
+            run_one(row, fn, x, codebook, min_time, check, bound_s)
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking the others
+            row.verdict = f"{'FAIL' if row.kind == 'backend' else 'ERROR'}({type(e).__name__}: {e})"
+    add_ratios(rows)
+    return rows
+
