@@ -199,12 +199,13 @@ def test_fake_cuda_tensors(name, dtype):
 # the backend is built; only the device is missing
 # ---------------------------------------------------------------------------------------------------------------
 def test_cuda_backend_lacks_only_a_device(monkeypatch):
+    assert BACKENDS["cuda"].why_not() is None, "the cuda backend's ops are not registered"  # built: ops exist
     if HAS_DEVICE:
-        assert BACKENDS["cuda"].why_not() is None
+        assert BACKENDS["cuda"].why_not("cuda") is None
         return
-    assert BACKENDS["cuda"].why_not() == "no CUDA device is visible"
+    assert BACKENDS["cuda"].why_not("cuda") == "no CUDA device is visible"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert BACKENDS["cuda"].why_not() is None, "the cuda backend lacks more than a device"
+    assert BACKENDS["cuda"].why_not("cuda") is None, "the cuda backend lacks more than a device"
 
 
 def test_info_reports_cuda_built_without_device():
@@ -214,11 +215,19 @@ def test_info_reports_cuda_built_without_device():
     assert lines["extension_cuda"].split()[1] == "True", out
     assert lines["torch_cuda"].split()[1] == torch.version.cuda, out
     assert "loaded" in lines["extension"], out
-    cuda = next(ln for ln in out.splitlines() if ln.strip().startswith("cuda ") and "[cuda]" in ln)
+    # the cuda backend's block: "  cuda     <summary>", then indented lines, one per device type ("cuda  <state>")
+    rows = out.splitlines()
+    start = next(i for i, ln in enumerate(rows) if ln.startswith("  cuda "))
+    block = []
+    for ln in rows[start + 1:]:
+        if not ln.startswith("   "):  # the next backend (two spaces) or the end
+            break
+        block.append(ln.strip())
+    state = next(ln[len("cuda"):].strip() for ln in block if ln.startswith("cuda "))
     if HAS_DEVICE:
-        assert "available" in cuda and "unavailable" not in cuda, cuda
+        assert state == "available", out
     else:
-        assert cuda.split("]", 1)[1].strip() == "unavailable: no CUDA device is visible", cuda
+        assert state == "unavailable: no CUDA device is visible", out
 
 
 # ---------------------------------------------------------------------------------------------------------------
