@@ -1,5 +1,13 @@
 // AVX-512 forms of the fp32 epilogues (epilogues.h), compiled for AVX-512 by target attributes and called only
 // after the run-time checks of isa.h.
+
+// GCC 12's intrinsic headers build their "undefined" vectors by self-initialisation (`__m512 __Y = __Y;`), which
+// -Wmaybe-uninitialized reports wherever such an intrinsic is inlined: a false positive, silenced before any
+// header (the warning is located in the intrinsic headers, so the pragma must precede them).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #include "epilogues.h"
 
 #ifdef VQK_X86

@@ -1,5 +1,7 @@
 // CUDA implementations of the vqkernels ops (schemas in csrc/registration.cpp): argument checks that name the
-// argument, a device guard, then the plain C launchers of vq_cuda.cu on the current stream.
+// argument, a device guard, then the plain C launchers of vq_cuda.cu on the current stream. No check here reads
+// tensor data: the non-finite policy (README "Method" §1) would cost a host sync per call, so vqkernels/ops.py
+// checks for this backend, in eager mode only.
 // Built only against a CUDA build of torch (setup.py). Only c10/cuda headers and the CUDA runtime: not
 // ATen/cuda/CUDAContext.h, which pulls in the cuBLAS / cuSPARSE / cuSOLVER headers that a bare CUDA toolkit
 // (nvcc + cudart) lacks.
@@ -11,9 +13,11 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <string>
+#include <string_view>
 #include <tuple>
+#include <utility>
 
+#include "../numerics.h"
 #include "vq_cuda.h"
 
 namespace vqkernels::cuda {
@@ -21,6 +25,7 @@ namespace {
 
 constexpr int64_t kBM = 64, kBN = 64;  // search tile of vq_cuda.cu (rows per block, codes per block; fp64: 32)
 constexpr int64_t kMaxSplits = 65535;  // splits are grid.y of the search launch
+namespace num = ::vqkernels::numerics;
 
 void check(int err, const char* what) {
   TORCH_CHECK(err == 0, "vqkernels CUDA ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -37,12 +42,11 @@ int dtype_code(at::ScalarType t) {
   return -1;
 }
 
-int metric_code(const std::string& m) {
-  if (m == "l2") return VQK_L2;
-  if (m == "cosine") return VQK_COSINE;
-  if (m == "dot") return VQK_DOT;
-  TORCH_CHECK_VALUE(false, "metric must be one of 'l2', 'cosine', 'dot'; got '", m, "'");
-  return -1;
+int metric_code(c10::string_view m) {
+  const std::string_view name(m.data(), m.size());
+  const int code = num::metric_code(name);
+  TORCH_CHECK_VALUE(code >= 0, "metric must be one of ", num::kMetricNames, "; got '", name, "'");
+  return code;
 }
 
 void check_matrix(const at::Tensor& t, const char* name) {
@@ -60,9 +64,7 @@ int64_t env_int(const char* name, int64_t dflt) {
   return (v == nullptr || *v == '\0') ? dflt : std::max<int64_t>(1, std::atoll(v));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search(const at::Tensor& x_in, const at::Tensor& cb_in,
-                                                                  const std::string& metric_name, bool exact,
-                                                                  bool gather) {
+void check_pair(const at::Tensor& x_in, const at::Tensor& cb_in) {
   check_matrix(x_in, "x");
   check_matrix(cb_in, "codebook");
   TORCH_CHECK_TYPE(x_in.scalar_type() == cb_in.scalar_type(), "x and codebook must have the same dtype; got ",
@@ -73,11 +75,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search(const at::Tens
   TORCH_CHECK_VALUE(x_in.size(1) == cb_in.size(1), "x and codebook must have the same D; got x [", x_in.size(0),
                     ", ", x_in.size(1), "] and codebook [", cb_in.size(0), ", ", cb_in.size(1), "]");
   TORCH_CHECK_VALUE(cb_in.size(0) < (int64_t(1) << 31), "codebook may hold at most 2^31 - 1 codes");
+}
+
+// Splits of the search's codes (its columns): split-K when the row blocks alone cannot fill the GPU twice, at most
+// one per code block and at most grid.y's limit (VQK_CUDA_SPLIT may ask for more). Returns (splits, per split).
+std::pair<int64_t, int64_t> split_codes(int64_t rows, int64_t cols, int device) {
+  int sm_count = 0;
+  check(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device), "device query");
+  const int64_t sms = std::max(1, sm_count);
+  const int64_t row_blocks = (rows + kBM - 1) / kBM;
+  int64_t splits =
+      row_blocks >= 2 * sms ? 1 : std::min((2 * sms + row_blocks - 1) / row_blocks, (cols + 4 * kBN - 1) / (4 * kBN));
+  splits = std::max<int64_t>(1, env_int("VQK_CUDA_SPLIT", splits));
+  splits = std::min({splits, (cols + kBN - 1) / kBN, kMaxSplits});
+  const int64_t per_split = ((cols + splits - 1) / splits + kBN - 1) / kBN * kBN;
+  return {(cols + per_split - 1) / per_split, per_split};  // <= the clamped count: per_split only grew
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search(const at::Tensor& x_in, const at::Tensor& cb_in,
+                                                                  c10::string_view metric_name, bool exact,
+                                                                  bool gather) {
+  check_pair(x_in, cb_in);
   const int metric = metric_code(metric_name);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_contiguous(x_in), cb = rows_contiguous(cb_in);
-  TORCH_CHECK_VALUE(at::isfinite(cb).all().item<bool>(), "codebook contains non-finite values (NaN or Inf)");
-  TORCH_CHECK_VALUE(x.numel() == 0 || at::isfinite(x).all().item<bool>(), "x contains non-finite values (NaN or Inf)");
   const int64_t N = x.size(0), D = x.size(1), K = cb.size(0);
   const int dt = dtype_code(x.scalar_type());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -97,21 +118,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search(const at::Tens
         "key terms");
   if (exact) cnorm.narrow(0, K, 1).copy_(cnorm.narrow(0, 0, K).max().reshape({1}));
 
-  // split-K when the row blocks alone cannot fill the GPU twice
-  int sm_count = 0;
-  check(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.device().index()), "device query");
-  const int64_t sms = std::max(1, sm_count);
-  const int64_t row_blocks = (N + kBM - 1) / kBM;
-  int64_t splits = row_blocks >= 2 * sms ? 1 : std::min((2 * sms + row_blocks - 1) / row_blocks, (K + 4 * kBN - 1) / (4 * kBN));
-  splits = std::max<int64_t>(1, env_int("VQK_CUDA_SPLIT", splits));
-  // at most one split per code block and at most grid.y's limit (VQK_CUDA_SPLIT may ask for more)
-  splits = std::min({splits, (K + kBN - 1) / kBN, kMaxSplits});
-  int64_t per_split = ((K + splits - 1) / splits + kBN - 1) / kBN * kBN;
-  splits = (K + per_split - 1) / per_split;  // <= the clamped count: per_split only grew
-  auto pv = at::empty({splits, N, 2}, x.options().dtype(acc));
-  auto pi = at::empty({splits, N, 2}, x.options().dtype(at::kInt));
+  const auto [splits, per_split] = split_codes(N, K, x.device().index());
+  // exact mode keeps its candidates per row and split, the fast path the minimum
+  const int64_t top = exact ? num::kExactCandidates : 1;
+  auto pv = at::empty({splits, N, top}, x.options().dtype(acc));
+  auto pi = at::empty({splits, N, top}, x.options().dtype(at::kInt));
   check(vqk_search(dt, x.data_ptr(), cb.data_ptr(), w.data_ptr(), o.data_ptr(), N, K, D, x.stride(0), cb.stride(0),
-                   static_cast<int>(splits), per_split, exact ? 2 : 1, 0, pv.data_ptr(), pi.data_ptr<int32_t>(), stream),
+                   static_cast<int>(splits), per_split, static_cast<int>(top), 0, pv.data_ptr(),
+                   pi.data_ptr<int32_t>(), stream),
         "search");
   check(vqk_finalize(dt, x.data_ptr(), cb.data_ptr(), cnorm.data_ptr<double>(), N, K, D, x.stride(0), cb.stride(0),
                      static_cast<int>(splits), metric, exact ? 1 : 0, pv.data_ptr(), pi.data_ptr<int32_t>(),
@@ -123,14 +137,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const at::Tensor& codebook,
                                                      c10::string_view metric, bool exact) {
-  auto [codes, zq, dist, counts] = search(x, codebook, std::string(metric), exact, /*gather=*/false);
+  auto [codes, zq, dist, counts] = search(x, codebook, metric, exact, /*gather=*/false);
   return {codes, dist};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x,
                                                                          const at::Tensor& codebook,
                                                                          c10::string_view metric, bool exact) {
-  return search(x, codebook, std::string(metric), exact, /*gather=*/true);
+  return search(x, codebook, metric, exact, /*gather=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor> code_stats_cuda(const at::Tensor& x_in, const at::Tensor& codes,
@@ -162,6 +176,56 @@ std::tuple<at::Tensor, at::Tensor> code_stats_cuda(const at::Tensor& x_in, const
   return {sums, counts};
 }
 
+// Per code k, argmin_i (d(x_i, c_k) - g(seed, k, i)) (README "Method" §1; CVQ-VAE's "probrandom" anchors, Zheng &
+// Vedaldi, ICCV 2023, §3.2): the search kernel with its sampling epilogue, the codes as its rows and the input rows
+// as its columns, split over the input rows when the codes are too few to fill the GPU; the splits hold increasing
+// rows, so the first minimum over them is the lowest (key, row).
+at::Tensor sample_code_cuda(const at::Tensor& x_in, const at::Tensor& cb_in, c10::string_view metric_name,
+                            int64_t seed) {
+  check_pair(x_in, cb_in);
+  const int metric = metric_code(metric_name);
+  TORCH_CHECK_VALUE(x_in.size(0) >= 1, "x must hold at least one row to sample from; got N = 0");
+  TORCH_CHECK_VALUE(x_in.size(0) < (int64_t(1) << 31), "x may hold at most 2^31 - 1 rows to sample from");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  // bf16 / fp16 upcast once: their products are exact in fp32, so the fp32 kernel computes the same keys
+  const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor x = rows_contiguous(x_in.to(acc)), cb = rows_contiguous(cb_in.to(acc));
+  const int64_t N = x.size(0), D = x.size(1), K = cb.size(0);
+  const int dt = dtype_code(acc);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+
+  // the input rows' key terms (they play the codes of the search) and the codes' own, whose factor (cosine:
+  // 1 / max(|c|, eps) = -w) and term (l2: |c|^2 = o) complete the distance
+  auto w = at::empty({N}, x.options());
+  auto o = at::empty({N}, x.options());
+  auto xnorm = at::empty({N}, x.options().dtype(at::kDouble));
+  check(vqk_key_terms(dt, x.data_ptr(), N, D, x.stride(0), metric, w.data_ptr(), o.data_ptr(),
+                      xnorm.data_ptr<double>(), stream),
+        "key terms");
+  auto cw = at::empty({K}, x.options());
+  auto co = at::empty({K}, x.options());
+  auto cnorm = at::empty({K}, x.options().dtype(at::kDouble));
+  check(vqk_key_terms(dt, cb.data_ptr(), K, D, cb.stride(0), metric, cw.data_ptr(), co.data_ptr(),
+                      cnorm.data_ptr<double>(), stream),
+        "key terms");
+  const at::Tensor rs = metric == VQK_COSINE ? cw.neg() : at::ones({K}, x.options());
+  const at::Tensor rt = metric == VQK_L2 ? co : at::zeros({K}, x.options());
+
+  const auto [splits, per_split] = split_codes(K, N, x.device().index());
+  auto pv = at::empty({splits, K, 1}, x.options());
+  auto pi = at::empty({splits, K, 1}, x.options().dtype(at::kInt));
+  check(vqk_sample_search(dt, cb.data_ptr(), x.data_ptr(), w.data_ptr(), o.data_ptr(), rs.data_ptr(), rt.data_ptr(),
+                          K, N, D, cb.stride(0), x.stride(0), static_cast<int>(splits), per_split,
+                          num::seed_code(seed), num::seed_row(seed), metric == VQK_L2 ? 1 : 0, pv.data_ptr(),
+                          pi.data_ptr<int32_t>(), stream),
+        "sample search");
+  at::Tensor rows = pi.select(2, 0);
+  if (splits > 1) rows = rows.gather(0, pv.select(2, 0).argmin(0).unsqueeze(0));
+  rows = rows.squeeze(0).to(at::kLong);
+  // every key infinite (overflow) leaves no index: row 0, the first of the all-equal keys
+  return rows.masked_fill_(rows >= N, 0);
+}
+
 }  // namespace
 }  // namespace vqkernels::cuda
 
@@ -169,4 +233,5 @@ TORCH_LIBRARY_IMPL(vqkernels, CUDA, m) {
   m.impl("nearest_code", &vqkernels::cuda::nearest_code_cuda);
   m.impl("quantize", &vqkernels::cuda::quantize_cuda);
   m.impl("code_stats", &vqkernels::cuda::code_stats_cuda);
+  m.impl("sample_code", &vqkernels::cuda::sample_code_cuda);
 }

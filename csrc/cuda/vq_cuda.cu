@@ -7,20 +7,26 @@
 // loads in the same two-buffer order. The BM x BN dot
 // products come from tensor cores (WMMA 16x16x16, bf16/fp16 on sm_80+) or from a register-tiled FMA loop
 // (fp32 as IEEE fp32, fp64; bank-conflict-free shared-memory layout, see search_kernel), into shared memory,
-// where two threads per row reduce them to a running top-2 (key, index) (strictly smaller keys replace, codes
-// are visited in increasing order: ties go to the lowest index). Only [splits, N, 2] partials are written,
-// never N x K.
+// where two threads per row reduce them to a running minimum (key, index), or for exact mode a running list of
+// the kExactCandidates smallest (strictly smaller keys replace, codes are visited in increasing order: ties go to
+// the lowest index). Only [splits, N, T] partials are written, never N x K. With its sampling epilogue
+// (sample_code, README "Method" §1) the same kernel runs with the roles swapped: the codes are its rows, the input
+// rows stream through as its "codes", and each key becomes the distance minus counter-based Gumbel noise, so the
+// minimum per code is a Gumbel-max draw of an input row (CVQ-VAE's "probrandom" anchors, Zheng & Vedaldi, ICCV
+// 2023, §3.2).
 // finalize_kernel: a warp per group of 32 rows. Lane l merges the splits of row l (coalesced partials); then the
 // warp takes the rows one by one with its lanes striding over D (coalesced): the norm, exact mode's fp64 re-score
-// of the candidates from the stored values (and the re-scan of every code for the rare rows whose second
-// candidate is inside the rounding bound), the z_q gather; finally one atomic per distinct code of the group
-// (__match_any_sync) adds the histogram, so full collapse costs N / 32 atomics.
+// of the candidates inside the rounding bound from the stored values (and the re-scan of every code for the rare
+// rows whose last kept candidate is inside it too), the z_q gather; finally one atomic per distinct code of the
+// group (__match_any_sync) adds the histogram, so full collapse costs N / 32 atomics.
 // code_stats_kernel: the same groups of 32 rows; per distinct code of a group, the lanes stride over D, sum the
 // code's rows and issue one atomic per feature.
 // key_terms_kernel: a warp per code, lanes over D.
 // No fast math anywhere (setup.py and the Makefile pass no --use_fast_math): float and double division and
 // sqrt are IEEE correctly rounded, so distances and the values compared are reproducible.
 #include "vq_cuda.h"
+
+#include "../numerics.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,9 +38,16 @@
 
 #include <type_traits>
 
+namespace num = vqkernels::numerics;
+
+static_assert(VQK_L2 == num::kMetricL2 && VQK_COSINE == num::kMetricCosine && VQK_DOT == num::kMetricDot,
+              "the C launchers' metric codes are numerics.h's");
+static_assert(VQK_EXACT_CANDIDATES == num::kExactCandidates, "vq_cuda.h repeats numerics.h's candidate count");
+
 namespace {
 
 constexpr int kThreads = 128;  // 4 warps
+constexpr int kTopExact = num::kExactCandidates;
 constexpr int kBM = 64;        // rows per block
 constexpr int kBK = 16;        // features per step (one WMMA k-step)
 constexpr int kIntMax = 2147483647;
@@ -131,15 +144,31 @@ struct IsHalf<__half> { static constexpr bool value = true; };
 template <>
 struct IsHalf<__nv_bfloat16> { static constexpr bool value = true; };
 
-// Keep the two smallest (value, index) pairs, ordered by value then index.
-template <typename A>
-__device__ __forceinline__ void push2(A v, int i, A& v1, int& i1, A& v2, int& i2) {
-  if (v < v1 || (v == v1 && i < i1)) {
-    v2 = v1; i2 = i1; v1 = v; i1 = i;
-  } else if (v < v2 || (v == v2 && i < i2)) {
-    v2 = v; i2 = i;
+// Insert (v, i) into a list of the TOP smallest (value, index) pairs, ordered by value then index: the pair walks
+// down the list, swapping with every entry it precedes (fully unrolled: the list stays in registers).
+template <int TOP, typename A>
+__device__ __forceinline__ void push_top(A v, int i, A (&tv)[TOP], int (&ti)[TOP]) {
+#pragma unroll
+  for (int p = 0; p < TOP; ++p) {
+    if (v < tv[p] || (v == tv[p] && i < ti[p])) {
+      const A sv = tv[p];
+      const int si = ti[p];
+      tv[p] = v; ti[p] = i;
+      v = sv; i = si;
+    }
   }
 }
+
+// The sampling epilogue's per-launch inputs: per search row (code) the factor and term of its part of the
+// distance, rs = 1 / max(|c|, eps) for cosine (else 1) and rt = |c|^2 for l2 (else 0); the two seed halves; and
+// whether keys clamp at 0 (l2).
+template <typename A>
+struct SampleArgs {
+  const A* rs;
+  const A* rt;
+  uint32_t s_code, s_row;
+  int clamp;
+};
 
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kWarps = kThreads / 32;
@@ -158,7 +187,7 @@ __device__ __forceinline__ A warp_sum(A v) {
 // ---- key terms ---------------------------------------------------------------------------------------------------
 // A warp per code, lanes over D (coalesced). key_k = w_k (x . c_k) + o_k with s = sum_d c_d^2 in fp64 from the
 // stored values: l2: w = -2, o = (A)s (not sqrt(s)^2, which rounds and would break exact ties between equidistant
-// codes); cosine: w = (A)(-1 / max(sqrt(s), 1e-12)), o = 0; dot: w = -1, o = 0. cnorm64 = sqrt(s) (IEEE double
+// codes); cosine: w = (A)(-1 / max(sqrt(s), eps)), o = 0; dot: w = -1, o = 0. cnorm64 = sqrt(s) (IEEE double
 // sqrt, correctly rounded).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
@@ -180,7 +209,7 @@ key_terms_kernel(const T* __restrict__ cb, int64_t K, int64_t D, int64_t ldc, in
   if (metric == VQK_L2) {
     w[k] = A(-2); o[k] = static_cast<A>(s);
   } else if (metric == VQK_COSINE) {
-    w[k] = static_cast<A>(-1.0 / fmax(n, 1e-12)); o[k] = A(0);
+    w[k] = static_cast<A>(-1.0 / fmax(n, num::kCosEps)); o[k] = A(0);
   } else {
     w[k] = A(-1); o[k] = A(0);
   }
@@ -202,11 +231,13 @@ key_terms_kernel(const T* __restrict__ cb, int64_t K, int64_t D, int64_t ldc, in
 //    xs[rg + 8 i][kk] is one address per half-warp (a broadcast), and the two half-warps' rows are adjacent, one
 //    row stride (kBK + 16 / sizeof(T) elements: 80 bytes fp32, 144 bytes fp64) apart: different banks.
 // The WMMA path (bf16/fp16 on sm_80+) keeps the layouts load_matrix_sync expects: xs[r][kk], cs[code][kk].
-template <typename T, typename A, int BN>
+// TOP: 1 (the fast path's minimum, sampling) or kTopExact (exact mode's candidates). SAMPLE: the sampling
+// epilogue (x are then the codes, cb the input rows, and w, o the input rows' key terms).
+template <typename T, typename A, int BN, int TOP, bool SAMPLE>
 __global__ void __launch_bounds__(kThreads)
 search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __restrict__ w, const A* __restrict__ o,
-              int64_t N, int64_t K, int64_t D, int64_t ldx, int64_t ldc, int64_t codes_per_split, int top,
-              int vec16, A* __restrict__ pv, int32_t* __restrict__ pi) {
+              int64_t N, int64_t K, int64_t D, int64_t ldx, int64_t ldc, int64_t codes_per_split, int vec16,
+              SampleArgs<A> sa, A* __restrict__ pv, int32_t* __restrict__ pi) {
   constexpr bool kWmma = IsHalf<T>::value && kHasWmma;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte copy
   constexpr int kXStride = kWmma ? kBK : kBK + kVec;      // row tile: + 16 bytes per row on the FMA path
@@ -227,8 +258,20 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
 
   // epilogue ownership: two threads per row, each scanning half of a code block
   const int er = tid >> 1, eh = tid & 1;
-  A v1 = Cvt<A>::inf(), v2 = Cvt<A>::inf();
-  int i1 = kIntMax, i2 = kIntMax;
+  A tv[TOP];
+  int ti[TOP];
+#pragma unroll
+  for (int p = 0; p < TOP; ++p) { tv[p] = Cvt<A>::inf(); ti[p] = kIntMax; }
+  // sampling: this thread's row is code row0 + er, with its distance factor and term and its noise key
+  A s_fac = A(1), s_term = A(0);
+  uint32_t s_qkey = 0;
+  if constexpr (SAMPLE) {
+    if (row0 + er < N) {
+      s_fac = sa.rs[row0 + er];
+      s_term = sa.rt[row0 + er];
+    }
+    s_qkey = num::index_key(row0 + er, sa.s_code);
+  }
 
   // vec16 (set by the launcher): x, cb, ldx, ldc and D are multiples of 16 bytes, so a 16-byte chunk lies wholly
   // inside or wholly past the valid features
@@ -350,31 +393,45 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
         for (int j = 0; j < kCols; ++j) acc_s[rg + 8 * i][cg + 16 * j] = acc[i][j];
     }
     __syncthreads();
-    // epilogue: keys and the running top-2 of this thread's half-row
+    // epilogue: keys and the running minimum / top list of this thread's half-row
     const int j0 = eh * (BN / 2);
     for (int j = j0; j < j0 + BN / 2; ++j) {
       const int64_t code = kb + j;
       if (code >= k_hi) break;
-      const A key = acc_s[er][j] * w[code] + o[code];
-      if (key < v1) {
-        v2 = v1; i2 = i1; v1 = key; i1 = static_cast<int>(code);
-      } else if (top > 1 && key < v2) {
-        v2 = key; i2 = static_cast<int>(code);
+      A key;
+      if constexpr (SAMPLE) {
+        // the distance up to a per-code constant (cosine's 1), as explicit fmas (vqkernels.reference.sample),
+        // minus the noise; a key that cannot win even with the largest noise skips computing it
+        key = fma(fma(acc_s[er][j], w[code], o[code]), s_fac, s_term);
+        if (sa.clamp != 0 && key < A(0)) key = A(0);
+        if (!(key - static_cast<A>(num::kGumbelMax) < tv[TOP - 1])) continue;
+        key -= num::gumbel<A>(s_qkey, num::index_key(code, sa.s_row));
+      } else {
+        key = acc_s[er][j] * w[code] + o[code];
       }
+      if (key < tv[TOP - 1]) push_top<TOP>(key, static_cast<int>(code), tv, ti);
     }
     __syncthreads();  // acc_s is rewritten by the next block
   }
   cp_async_wait<0>();  // nothing may be in flight when the block exits (D = 0 leaves the prologue's group)
-  // merge the two halves of each row (threads t and t ^ 1 share a warp)
-  const A ov1 = __shfl_xor_sync(kFull, v1, 1), ov2 = __shfl_xor_sync(kFull, v2, 1);
-  const int oi1 = __shfl_xor_sync(kFull, i1, 1), oi2 = __shfl_xor_sync(kFull, i2, 1);
-  push2(ov1, oi1, v1, i1, v2, i2);
-  push2(ov2, oi2, v1, i1, v2, i2);
+  // merge the two halves of each row (threads t and t ^ 1 share a warp); both threads end with the same list
+  A ov[TOP];
+  int oi[TOP];
+#pragma unroll
+  for (int p = 0; p < TOP; ++p) {
+    ov[p] = __shfl_xor_sync(kFull, tv[p], 1);
+    oi[p] = __shfl_xor_sync(kFull, ti[p], 1);
+  }
+#pragma unroll
+  for (int p = 0; p < TOP; ++p) push_top<TOP>(ov[p], oi[p], tv, ti);
   const int64_t row = row0 + er;
   if (eh == 0 && row < N) {
-    const int64_t off = (split * N + row) * 2;
-    pv[off] = v1; pv[off + 1] = v2;
-    pi[off] = i1; pi[off + 1] = i2;
+    const int64_t off = (split * N + row) * TOP;
+#pragma unroll
+    for (int p = 0; p < TOP; ++p) {
+      pv[off + p] = tv[p];
+      pi[off + p] = ti[p];
+    }
   }
 }
 
@@ -398,12 +455,12 @@ __device__ __noinline__ double rescore64(const T* xr, const T* cr, int64_t D, in
   s = warp_sum(s);  // one reduction site for every metric
   if (metric == VQK_L2) return s;
   if (metric == VQK_DOT) return -s;
-  return 1.0 - s / (fmax(xn, 1e-12) * fmax(cn, 1e-12));
+  return 1.0 - s / (fmax(xn, num::kCosEps) * fmax(cn, num::kCosEps));
 }
 
 // A warp per group of 32 consecutive rows (kernel comment at the top). Every value a branch depends on in the
 // per-row phase is either broadcast from the row's lane or a warp_sum, so the branches are warp-uniform and the
-// full-mask shuffles inside are safe.
+// full-mask shuffles inside are safe. The partials hold TOP = 1 (fast path) or kTopExact (exact) pairs per row.
 template <typename T, typename A, bool exact>
 __global__ void __launch_bounds__(kThreads)
 finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double* __restrict__ cnorm64, int64_t N,
@@ -417,34 +474,38 @@ finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double*
   const bool valid = my_row < N;
   const int rows = N - base < 32 ? static_cast<int>(N - base) : 32;
 
+  constexpr int TOP = exact ? kTopExact : 1;
   // per-row candidates in, per-row results out: kept in shared memory rather than in registers across the row
   // loop below (fewer values live across it: no spills)
-  __shared__ A s_v1[kWarps][32], s_v2[kWarps][32], s_dist[kWarps][32];
-  __shared__ int s_i1[kWarps][32], s_i2[kWarps][32];
+  __shared__ A s_v[kWarps][TOP][32], s_dist[kWarps][32];
+  __shared__ int s_i[kWarps][TOP][32];
   __shared__ int64_t s_code[kWarps][32];
   const int wid = threadIdx.x / 32;
 
   // lane l: merge the splits of row base + l (partials of consecutive rows are adjacent: coalesced)
   {
-    A v1 = Cvt<A>::inf(), v2 = Cvt<A>::inf();
-    int i1 = kIntMax, i2 = kIntMax;
+    A tv[TOP];
+    int ti[TOP];
+#pragma unroll
+    for (int p = 0; p < TOP; ++p) { tv[p] = Cvt<A>::inf(); ti[p] = kIntMax; }
     if (valid) {
 #pragma unroll 1
       for (int s = 0; s < splits; ++s) {
-        const int64_t off = (s * N + my_row) * 2;
-        push2(pv[off], pi[off], v1, i1, v2, i2);
-        push2(pv[off + 1], pi[off + 1], v1, i1, v2, i2);
+        const int64_t off = (s * N + my_row) * TOP;
+#pragma unroll
+        for (int p = 0; p < TOP; ++p) push_top<TOP>(pv[off + p], pi[off + p], tv, ti);
       }
     }
-    s_v1[wid][lane] = v1; s_v2[wid][lane] = v2; s_i1[wid][lane] = i1; s_i2[wid][lane] = i2;
+#pragma unroll
+    for (int p = 0; p < TOP; ++p) { s_v[wid][p][lane] = tv[p]; s_i[wid][p][lane] = ti[p]; }
   }
   __syncwarp();
 
   // the rows one by one, lanes over D
   const bool need_x = exact || metric != VQK_DOT;
   for (int r = 0; r < rows; ++r) {
-    const A rv1 = s_v1[wid][r], rv2 = s_v2[wid][r];  // broadcast reads
-    const int ri1 = s_i1[wid][r], ri2 = s_i2[wid][r];
+    const A rv1 = s_v[wid][0][r];  // broadcast reads
+    const int ri1 = s_i[wid][0][r];
     const int64_t row = base + r;
     const T* xr = x + row * ldx;
     // |x|^2: in the accumulation type for the fast distance, in fp64 for exact mode (which needs only that)
@@ -466,26 +527,30 @@ finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double*
       if (metric == VQK_L2) {
         dd = xsq + rv1 > A(0) ? xsq + rv1 : A(0);
       } else if (metric == VQK_COSINE) {
-        dd = A(1) + rv1 / static_cast<A>(fmax(sqrt(static_cast<double>(xsq)), 1e-12));
+        dd = A(1) + rv1 / static_cast<A>(fmax(sqrt(static_cast<double>(xsq)), num::kCosEps));
       } else {
         dd = rv1;
       }
     } else {
       const double xn = sqrt(xsq), cmax = cnorm64[K];
-      double e = metric == VQK_L2 ? gamma * (2.0 * xn * cmax + cmax * cmax)
-                                  : (metric == VQK_COSINE ? gamma * xn : gamma * xn * cmax);
-      e += gamma * fabs(static_cast<double>(rv1));
-      const double thresh = static_cast<double>(rv1) + 2.0 * e;
-      // the bound may hide more codes than the two kept: then re-scan every code in fp64, else re-score the
-      // candidate only; increasing k with a strict < keeps ties on the lowest index (the same result as
-      // re-scoring the candidate first and re-scanning with ties to the lower index)
-      const bool scan = none || (ri2 < K && static_cast<double>(rv2) <= thresh);
-      const int64_t k0 = scan ? 0 : ri1, k1 = scan ? K : k0 + 1;
+      // every code whose fast key may round below the true minimum lies within 2E of the fast minimum
+      // (README "Method" §1); when the last kept candidate is inside too, more may hide behind it: re-scan every
+      // code in fp64 (increasing k with a strict <: ties to the lowest index), else re-score the candidates
+      // inside the bound (ties to the lower index explicitly, the list being ordered by key)
+      const double thresh = num::exact_threshold(metric, xn, cmax, static_cast<double>(rv1), gamma);
+      const bool scan = none || (s_i[wid][TOP - 1][r] < K && static_cast<double>(s_v[wid][TOP - 1][r]) <= thresh);
+      int64_t n = K;  // codes to re-score: all of them, or the candidates inside the bound (the first always)
+      if (!scan) {
+        n = 1;
+        while (n < TOP && s_i[wid][n][r] < K && static_cast<double>(s_v[wid][n][r]) <= thresh) ++n;
+      }
+      // one loop and one call site for both cases (fewer live registers: no spills)
       double bd = static_cast<double>(INFINITY);
-      int64_t bc = k0;
-      for (int64_t k = k0; k < k1; ++k) {
+      int64_t bc = scan ? 0 : ri1;
+      for (int64_t it = 0; it < n; ++it) {
+        const int64_t k = scan ? it : s_i[wid][it][r];
         const double dk = rescore64(xr, cb + k * ldc, D, metric, xn, cnorm64[k], lane);
-        if (dk < bd) { bd = dk; bc = k; }
+        if (dk < bd || (dk == bd && k < bc)) { bd = dk; bc = k; }
       }
       code = bc;
       dd = static_cast<A>(bd);
@@ -555,9 +620,9 @@ code_stats_kernel(const T* __restrict__ x, const int64_t* __restrict__ codes, in
 }
 
 // ---- dispatch ----------------------------------------------------------------------------------------------------
-template <typename T, typename A, int BN>
+template <typename T, typename A, int BN, int TOP, bool SAMPLE>
 int launch_search(const void* x, const void* cb, const void* w, const void* o, int64_t N, int64_t K, int64_t D,
-                  int64_t ldx, int64_t ldc, int splits, int64_t cps, int top, void* pv, int32_t* pi,
+                  int64_t ldx, int64_t ldc, int splits, int64_t cps, const SampleArgs<A>& sa, void* pv, int32_t* pi,
                   cudaStream_t stream) {
   const int64_t row_blocks = (N + kBM - 1) / kBM;
   // grid.y holds the splits (at most 65535; binding.cpp clamps), grid.x the row blocks (at most 2^31 - 1)
@@ -568,10 +633,26 @@ int launch_search(const void* x, const void* cb, const void* w, const void* o, i
   constexpr int64_t es = static_cast<int64_t>(sizeof(T));
   const bool vec16 = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(cb) % 16 == 0 &&
                      (ldx * es) % 16 == 0 && (ldc * es) % 16 == 0 && (D * es) % 16 == 0;
-  search_kernel<T, A, BN><<<grid, kThreads, 0, stream>>>(
+  search_kernel<T, A, BN, TOP, SAMPLE><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(cb), static_cast<const A*>(w), static_cast<const A*>(o), N,
-      K, D, ldx, ldc, cps, top, vec16 ? 1 : 0, static_cast<A*>(pv), pi);
+      K, D, ldx, ldc, cps, vec16 ? 1 : 0, sa, static_cast<A*>(pv), pi);
   return static_cast<int>(cudaGetLastError());
+}
+
+// the search variants of nearest_code / quantize: the fast path's minimum or exact mode's candidate list
+template <typename T, typename A, int BN>
+int launch_search_top(const void* x, const void* cb, const void* w, const void* o, int64_t N, int64_t K, int64_t D,
+                      int64_t ldx, int64_t ldc, int splits, int64_t cps, int top, void* pv, int32_t* pi,
+                      cudaStream_t stream) {
+  const SampleArgs<A> none{nullptr, nullptr, 0u, 0u, 0};
+  if (top == 1) {
+    return launch_search<T, A, BN, 1, false>(x, cb, w, o, N, K, D, ldx, ldc, splits, cps, none, pv, pi, stream);
+  }
+  if (top == kTopExact) {
+    return launch_search<T, A, BN, kTopExact, false>(x, cb, w, o, N, K, D, ldx, ldc, splits, cps, none, pv, pi,
+                                                     stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 template <typename T, typename A>
@@ -625,18 +706,41 @@ extern "C" int vqk_search(int dtype, const void* x, const void* cb, const void* 
   if (N == 0) return 0;
   switch (dtype) {
     case VQK_F32:
-      return launch_search<float, float, 64>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split, top, pv, pi,
-                                             stream);
+      return launch_search_top<float, float, 64>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split, top, pv,
+                                                 pi, stream);
     case VQK_F64:  // a 64 x 32 block keeps the fp64 shared tiles under the 48 KiB static limit
-      return launch_search<double, double, 32>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split, top, pv,
-                                               pi, stream);
+      return launch_search_top<double, double, 32>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split, top,
+                                                   pv, pi, stream);
     case VQK_BF16:
-      return launch_search<__nv_bfloat16, float, 64>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split, top,
-                                                     pv, pi, stream);
+      return launch_search_top<__nv_bfloat16, float, 64>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split,
+                                                         top, pv, pi, stream);
     case VQK_F16:
-      return launch_search<__half, float, 64>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split, top, pv, pi,
-                                              stream);
+      return launch_search_top<__half, float, 64>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split, top, pv,
+                                                  pi, stream);
     default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+extern "C" int vqk_sample_search(int dtype, const void* codes_in, const void* rows_in, const void* w, const void* o,
+                                 const void* rs, const void* rt, int64_t K, int64_t N, int64_t D, int64_t ldk,
+                                 int64_t ldn, int splits, int64_t rows_per_split, uint32_t s_code, uint32_t s_row,
+                                 int clamp, void* pv, int32_t* pi, cudaStream_t stream) {
+  if (K == 0) return 0;
+  // the search's rows are the codes and its "codes" the input rows (vq_cuda.h)
+  switch (dtype) {
+    case VQK_F32: {
+      const SampleArgs<float> sa{static_cast<const float*>(rs), static_cast<const float*>(rt), s_code, s_row, clamp};
+      return launch_search<float, float, 64, 1, true>(codes_in, rows_in, w, o, K, N, D, ldk, ldn, splits,
+                                                      rows_per_split, sa, pv, pi, stream);
+    }
+    case VQK_F64: {
+      const SampleArgs<double> sa{static_cast<const double*>(rs), static_cast<const double*>(rt), s_code, s_row,
+                                  clamp};
+      return launch_search<double, double, 32, 1, true>(codes_in, rows_in, w, o, K, N, D, ldk, ldn, splits,
+                                                        rows_per_split, sa, pv, pi, stream);
+    }
+    default:  // bf16 / fp16 are upcast by the caller: their products are exact in fp32
       return static_cast<int>(cudaErrorInvalidValue);
   }
 }
@@ -646,9 +750,7 @@ extern "C" int vqk_finalize(int dtype, const void* x, const void* cb, const doub
                             const int32_t* pi, int64_t* codes, void* dist, void* zq, int64_t* counts,
                             cudaStream_t stream) {
   if (N == 0) return 0;
-  // rounding bound of the fast key: 2x the classic gamma_D, and 2x again for the MMA's accumulation order
-  const double u = dtype == VQK_F64 ? 0x1p-53 : 0x1p-24;
-  const double gamma = 4.0 * static_cast<double>(D + 4) * u;
+  const double gamma = num::exact_gamma(D, dtype == VQK_F64);
   switch (dtype) {
     case VQK_F32:
       return launch_finalize<float, float>(x, cb, cnorm64, N, K, D, ldx, ldc, splits, metric, exact, gamma, pv, pi,

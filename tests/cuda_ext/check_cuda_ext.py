@@ -8,7 +8,8 @@ else (a CPU torch, an extension without CUDA ops) the whole module skips.
 What it proves without a device: the CUDA-linked library loads; every op of the ``vqkernels`` library defined in
 csrc/registration.cpp has a CUDA and a CPU kernel; the ops' fakes pass ``torch.library.opcheck`` on meta tensors
 and on fake CUDA tensors and give the right shapes and dtypes; the ``cuda`` backend is built and lacks only a
-device (``dispatch`` and ``python -m vqkernels.info`` say so); the CPU ops of this build give correct results.
+device (``dispatch`` and ``python -m vqkernels.info`` say so); the CPU ops of this build give correct results;
+the constants of csrc/numerics.h that ``vqkernels._C`` exposes are those of vqkernels/numerics.py.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if not _ext.with_cuda():
 
 # The package copy that `make cuda-ext-check` built (absolute path), when run by it.
 BUILT_LIB = os.environ.get("VQK_CUDA_EXT_LIB")
-EXPECTED_OPS = {"nearest_code", "quantize", "code_stats"}
+EXPECTED_OPS = {"nearest_code", "quantize", "code_stats", "sample_code"}
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 METRICS = ("l2", "cosine", "dot")
 HAS_DEVICE = torch.cuda.is_available()
@@ -62,11 +63,26 @@ def _op(name):
     return getattr(torch.ops.vqkernels, name).default
 
 
-def _args(name, n, k, d, dtype, metric="l2", exact=False, device="meta"):
+# seeds as the schema's int carries them (a signed int64 bit pattern): s_code = low 32 bits, s_row = high 32 bits
+SEEDS = (0, 1, 2**32 - 1, -(2**32), -1)
+
+
+def _args(name, n, k, d, dtype, metric="l2", exact=False, device="meta", seed=0):
     x = torch.empty(n, d, dtype=dtype, device=device)
     if name == "code_stats":
         return (x, torch.empty(n, dtype=torch.int64, device=device), k)
+    if name == "sample_code":
+        return (x, torch.empty(k, d, dtype=dtype, device=device), metric, seed)
     return (x, torch.empty(k, d, dtype=dtype, device=device), metric, exact)
+
+
+def _variants(name):
+    """(metric, exact or seed) pairs each op is checked with."""
+    if name == "code_stats":
+        return [(None, None)]
+    if name == "sample_code":
+        return [(m, s) for m in METRICS for s in SEEDS[:2]] + [("l2", s) for s in SEEDS[2:]]
+    return [(m, e) for m in METRICS for e in (False, True)]
 
 
 def _expected(name, n, k, d, dtype):
@@ -76,7 +92,13 @@ def _expected(name, n, k, d, dtype):
         return [((n,), torch.int64), ((n,), acc)]
     if name == "quantize":
         return [((n,), torch.int64), ((n, d), dtype), ((n,), acc), ((k,), torch.int64)]
+    if name == "sample_code":
+        return [((k,), torch.int64)]
     return [((k, d), acc), ((k,), torch.int64)]
+
+
+def _outputs(out):
+    return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,15 +166,17 @@ CASES = [(5, 7, 3), (0, 7, 3), (33, 70, 9), (1, 1, 1)]
 @pytest.mark.parametrize("name", sorted(EXPECTED_OPS))
 def test_opcheck_meta(name, dtype, case):
     n, k, d = case
-    variants = [(m, e) for m in METRICS for e in (False, True)] if name != "code_stats" else [(None, None)]
-    for metric, exact in variants:
-        args = _args(name, n, k, d, dtype, metric, exact)
+    for metric, extra in _variants(name):
+        if name == "sample_code":
+            args = _args(name, n, k, d, dtype, metric, seed=extra)
+        else:
+            args = _args(name, n, k, d, dtype, metric, extra)
         if name == "quantize":
             args[1].requires_grad_()
         torch.library.opcheck(_op(name), args, test_utils=META_UTILS)
-        out = _op(name)(*args)  # the Meta kernel is the fake
+        out = _outputs(_op(name)(*args))  # the Meta kernel is the fake
         got = [(tuple(t.shape), t.dtype) for t in out]
-        assert got == _expected(name, n, k, d, dtype), (name, metric, exact)
+        assert got == _expected(name, n, k, d, dtype), (name, metric, extra)
         assert all(t.device.type == "meta" for t in out)
 
 
@@ -164,9 +188,9 @@ def test_fake_cuda_tensors(name, dtype):
 
     n, k, d = 33, 70, 9
     with FakeTensorMode():
-        args = _args(name, n, k, d, dtype, "cosine", True, device="cuda")
+        args = _args(name, n, k, d, dtype, "cosine", True, device="cuda", seed=-1)
         torch.library.opcheck(_op(name), args, test_utils=("test_schema", "test_faketensor"))
-        out = _op(name)(*args)
+        out = _outputs(_op(name)(*args))
         assert [(tuple(t.shape), t.dtype) for t in out] == _expected(name, n, k, d, dtype)
         assert all(t.device.type == "cuda" for t in out)
 
@@ -175,12 +199,13 @@ def test_fake_cuda_tensors(name, dtype):
 # the backend is built; only the device is missing
 # ---------------------------------------------------------------------------------------------------------------
 def test_cuda_backend_lacks_only_a_device(monkeypatch):
+    assert BACKENDS["cuda"].why_not() is None, "the cuda backend's ops are not registered"  # built: ops exist
     if HAS_DEVICE:
-        assert BACKENDS["cuda"].why_not() is None
+        assert BACKENDS["cuda"].why_not("cuda") is None
         return
-    assert BACKENDS["cuda"].why_not() == "no CUDA device is visible"
+    assert BACKENDS["cuda"].why_not("cuda") == "no CUDA device is visible"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert BACKENDS["cuda"].why_not() is None, "the cuda backend lacks more than a device"
+    assert BACKENDS["cuda"].why_not("cuda") is None, "the cuda backend lacks more than a device"
 
 
 def test_info_reports_cuda_built_without_device():
@@ -190,11 +215,19 @@ def test_info_reports_cuda_built_without_device():
     assert lines["extension_cuda"].split()[1] == "True", out
     assert lines["torch_cuda"].split()[1] == torch.version.cuda, out
     assert "loaded" in lines["extension"], out
-    cuda = next(ln for ln in out.splitlines() if ln.strip().startswith("cuda ") and "[cuda]" in ln)
+    # the cuda backend's block: "  cuda     <summary>", then indented lines, one per device type ("cuda  <state>")
+    rows = out.splitlines()
+    start = next(i for i, ln in enumerate(rows) if ln.startswith("  cuda "))
+    block = []
+    for ln in rows[start + 1:]:
+        if not ln.startswith("   "):  # the next backend (two spaces) or the end
+            break
+        block.append(ln.strip())
+    state = next(ln[len("cuda"):].strip() for ln in block if ln.startswith("cuda "))
     if HAS_DEVICE:
-        assert "available" in cuda and "unavailable" not in cuda, cuda
+        assert state == "available", out
     else:
-        assert cuda.split("]", 1)[1].strip() == "unavailable: no CUDA device is visible", cuda
+        assert state == "unavailable: no CUDA device is visible", out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,6 +261,31 @@ def test_opcheck_cpu_tensors():
     # tensor when an input requires grad and fails on the cast; autograd is checked by tests/test_quantize.py)
     torch.library.opcheck(_op("quantize"), (x, cb, "cosine", False))
     torch.library.opcheck(_op("code_stats"), (x, torch.randint(0, 9, (33,), generator=g), 9))
+    torch.library.opcheck(_op("sample_code"), (x, cb, "dot", -(2**32) + 7))
+
+
+def test_sample_code_cpu_of_cuda_build():
+    """The CPU sampling op of this build draws what the reference draws (up to rounding on near-ties)."""
+    from vqkernels import reference
+    from vqkernels.numerics import seed_to_schema
+
+    g = torch.Generator().manual_seed(2)
+    x, cb = torch.randn(500, 12, generator=g), torch.randn(90, 12, generator=g)
+    for metric in METRICS:
+        for seed in (0, 2**32 - 1, 2**64 - 1):
+            s = seed_to_schema(seed)
+            got = _op("sample_code")(x, cb, metric, s)
+            assert got.dtype == torch.int64 and got.shape == (90,)
+            assert (got == reference.sample(x, cb, metric, s)).float().mean() >= 0.97
+
+
+def test_numerics_constants_match_python():
+    """csrc/numerics.h's constants, as vqkernels._C exposes them, are vqkernels/numerics.py's."""
+    from vqkernels import numerics
+
+    assert _ext.C.cos_eps == numerics.COS_EPS
+    assert _ext.C.exact_safety == numerics.EXACT_SAFETY
+    assert _ext.C.exact_candidates == numerics.EXACT_CANDIDATES
 
 
 if __name__ == "__main__":
