@@ -160,9 +160,11 @@ def test_info_lists_every_backend(capsys):
 
     info.main([])
     out = capsys.readouterr().out
-    for name in dispatch.BACKENDS:
-        assert name in out
-    assert "torch" in out and "backends:" in out
+    for name, b in dispatch.BACKENDS.items():
+        assert f"  {name} " in out and f"vqkernels::<op>{b.suffix}\n" in out
+        for dev in b.devices:
+            assert f"{dev:<5} {'available' if b.available(dev) else 'unavailable: ' + b.why_not(dev)}" in out
+    assert "backends (each implements nearest_code, quantize, code_stats, sample_code):" in out
 
 
 @pytest.mark.parametrize("bd", BACKEND_DEVICES)
