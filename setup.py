@@ -35,8 +35,12 @@ def _extensions():
     def rel(paths):
         return sorted(os.path.relpath(p, ROOT) for p in paths)
 
-    cpp_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cuda_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    cpp_sources = rel(
+        glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
+    cuda_sources = rel(
+        glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
+    )
     mode = os.environ.get("VQK_BUILD_CUDA", "auto").lower()
     why_not = None
     if mode in ("0", "false", "no", "off"):

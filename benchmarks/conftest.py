@@ -28,6 +28,7 @@ try:
 except ImportError:
     HAVE_PLUGIN = False
 
+
 def pytest_addoption(parser):
     group = parser.getgroup("vqkernels benchmarks")
     group.addoption("--vqk-preset", choices=tuple(bench.PRESETS), default=None)
@@ -63,8 +64,10 @@ if not HAVE_PLUGIN:
             if self.disabled:
                 return call()
             t = bench.measure_time(call, self.device, 0.5)
-            print(f"\n{self.group} {self.name}: median {t.median * 1e3:.4g} ms "
-                  f"(p20 {t.p20 * 1e3:.4g}, p80 {t.p80 * 1e3:.4g})")
+            print(
+                f"\n{self.group} {self.name}: median {t.median * 1e3:.4g} ms "
+                f"(p20 {t.p20 * 1e3:.4g}, p80 {t.p80 * 1e3:.4g})"
+            )
             return call()
 
     @pytest.fixture

@@ -28,8 +28,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_SUITES = ("tests/test_nearest_code.py", "tests/test_quantize.py", "tests/test_code_stats.py",
-              "tests/test_validation.py", "tests/test_sample_code.py")
+GPU_SUITES = (
+    "tests/test_nearest_code.py",
+    "tests/test_quantize.py",
+    "tests/test_code_stats.py",
+    "tests/test_validation.py",
+    "tests/test_sample_code.py",
+)
 GPU_FILES = ("tests/test_triton.py", "tests/test_cuda_backend.py")
 # (name, seconds it may take at most, seconds kept back for the steps after it)
 PLAN = (("info", 60, 420), ("build", 180, 270), ("tests", 200, 80), ("bench", 420, 5))
@@ -69,11 +74,13 @@ def run_step(cmd: list[str], log: Path, timeout: float, env: dict | None = None)
 
 def gpu_visible(python: str) -> tuple[bool, str, str]:
     """Whether ``python``'s torch sees a CUDA GPU, a line that says what it sees, and its arch (``"9.0"``)."""
-    code = ("import torch\n"
-            "ok = torch.cuda.is_available()\n"
-            "name = torch.cuda.get_device_name(0) if ok else 'none'\n"
-            "cap = '%d.%d' % torch.cuda.get_device_capability(0) if ok else ''\n"
-            "print(int(ok), cap, torch.__version__, torch.version.cuda, name, sep='|')\n")
+    code = (
+        "import torch\n"
+        "ok = torch.cuda.is_available()\n"
+        "name = torch.cuda.get_device_name(0) if ok else 'none'\n"
+        "cap = '%d.%d' % torch.cuda.get_device_capability(0) if ok else ''\n"
+        "print(int(ok), cap, torch.__version__, torch.version.cuda, name, sep='|')\n"
+    )
     try:
         out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -88,14 +95,39 @@ def plan(python: str, out: Path, arch: str) -> list[tuple[str, list[str], dict]]
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     build_env = dict(env, VQK_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(os.cpu_count() or 4))
-    tests = [python, "-m", "pytest", "-q", "--maxfail=25", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}",
-             *GPU_SUITES, *GPU_FILES, "-k", "cuda or gpu or test_triton or test_cuda_backend"]
+    tests = [
+        python,
+        "-m",
+        "pytest",
+        "-q",
+        "--maxfail=25",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={out / 'tests.xml'}",
+        *GPU_SUITES,
+        *GPU_FILES,
+        "-k",
+        "cuda or gpu or test_triton or test_cuda_backend",
+    ]
     return [
         ("info", [python, "-m", "vqkernels.info"], env),
         ("build", [python, "setup.py", "build_ext", "--inplace"], build_env),
         ("tests", tests, env),
-        ("bench", [python, "-m", "vqkernels.bench", "--preset", "gpu", "--device", "cuda",
-                   "--json", str(out / "bench-gpu.json")], env),
+        (
+            "bench",
+            [
+                python,
+                "-m",
+                "vqkernels.bench",
+                "--preset",
+                "gpu",
+                "--device",
+                "cuda",
+                "--json",
+                str(out / "bench-gpu.json"),
+            ],
+            env,
+        ),
     ]
 
 
@@ -113,11 +145,17 @@ def main(argv=None) -> int:
     if not ok:
         summary["status"] = "no GPU visible"
         write_json(args.out / "gpu-check.json", summary)
-        print(f"gpu-check: no CUDA GPU is visible ({seen}); nothing was built or run. This target needs a lent GPU "
-              "machine (the device tool).", file=sys.stderr)
+        print(
+            f"gpu-check: no CUDA GPU is visible ({seen}); nothing was built or run. This target needs a lent GPU "
+            "machine (the device tool).",
+            file=sys.stderr,
+        )
         return 2
-    print(f"gpu-check: {seen}; building for sm {arch}, budget {args.budget:.0f} s, logs in {args.out}",
-          file=sys.stderr, flush=True)
+    print(
+        f"gpu-check: {seen}; building for sm {arch}, budget {args.budget:.0f} s, logs in {args.out}",
+        file=sys.stderr,
+        flush=True,
+    )
     failed = False
     for (name, cmd, env), (_, cap_s, reserve) in zip(plan(args.python, args.out, arch), PLAN):
         left = args.budget - (time.monotonic() - t_start)
@@ -131,8 +169,7 @@ def main(argv=None) -> int:
         write_json(args.out / "gpu-check.json", summary)
         failed |= res["status"] != "ok"
         if name == "build" and res["status"] != "ok":
-            print("gpu-check: the build failed; the tests and the benchmark run without the CUDA ops",
-                  file=sys.stderr)
+            print("gpu-check: the build failed; the tests and the benchmark run without the CUDA ops", file=sys.stderr)
     summary["complete"] = True
     summary["status"] = "failed" if failed else "ok"
     summary["seconds"] = round(time.monotonic() - t_start, 1)

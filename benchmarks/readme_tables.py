@@ -34,29 +34,41 @@ def ops_tables(result: dict, backend: str) -> str:
     cases: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         cases.setdefault((tuple(r["shape"]), r["dtype"], r["metric"]), {})[r["name"]] = r
-    out = [f"| N, K, D | dtype | `{backend}` op | % of roofline | `x @ C.T` alone | GEMM + argmin | naive reference "
-           "| vector-quantize-pytorch | op / GEMM | peak extra memory (op / naive) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"| N, K, D | dtype | `{backend}` op | % of roofline | `x @ C.T` alone | GEMM + argmin | naive reference "
+        "| vector-quantize-pytorch | op / GEMM | peak extra memory (op / naive) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (shape, dtype, metric), by in cases.items():
         if metric != "l2" or backend not in by:
             continue
         op = by[backend]
         t = {name: by.get(name, {}).get("median_ms") for name in ("gemm", "gemm_argmin", "naive", "vqp_layer")}
-        out.append(f"| {', '.join(map(str, shape))} | {dtype} | {_ms(op['median_ms'])} | "
-                   f"{op['pct_of_bound']:.0f} % | {_ms(t['gemm'])} | {_ms(t['gemm_argmin'])} | "
-                   f"{_ms(t['naive'])} | {_ms(t['vqp_layer'])} | {_x(op['x_gemm_time'])} | "
-                   f"{_mib(op['peak_extra_mib'])} / {_mib(by.get('naive', {}).get('peak_extra_mib'))} |")
-    out += ["", f"| N, K, D | dtype | metric | `{backend}` op | fastest unfused search | op is faster by | check |",
-            "|---|---|---|---|---|---|---|"]
+        out.append(
+            f"| {', '.join(map(str, shape))} | {dtype} | {_ms(op['median_ms'])} | "
+            f"{op['pct_of_bound']:.0f} % | {_ms(t['gemm'])} | {_ms(t['gemm_argmin'])} | "
+            f"{_ms(t['naive'])} | {_ms(t['vqp_layer'])} | {_x(op['x_gemm_time'])} | "
+            f"{_mib(op['peak_extra_mib'])} / {_mib(by.get('naive', {}).get('peak_extra_mib'))} |"
+        )
+    out += [
+        "",
+        f"| N, K, D | dtype | metric | `{backend}` op | fastest unfused search | op is faster by | check |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (shape, dtype, metric), by in cases.items():
         if backend not in by:
             continue
         op = by[backend]
-        searches = {n: by[n]["median_ms"] for n in ("naive", "gemm_argmin", "cdist_chunked", "vqp_layer")
-                    if n in by and by[n]["median_ms"] is not None}
+        searches = {
+            n: by[n]["median_ms"]
+            for n in ("naive", "gemm_argmin", "cdist_chunked", "vqp_layer")
+            if n in by and by[n]["median_ms"] is not None
+        }
         best = min(searches, key=searches.get) if searches else None
-        out.append(f"| {', '.join(map(str, shape))} | {dtype} | {metric} | {_ms(op['median_ms'])} | "
-                   f"{best} {_ms(searches.get(best))} | {_x(op['speedup_vs_best_search'], 1)} | {op['verdict']} |")
+        out.append(
+            f"| {', '.join(map(str, shape))} | {dtype} | {metric} | {_ms(op['median_ms'])} | "
+            f"{best} {_ms(searches.get(best))} | {_x(op['speedup_vs_best_search'], 1)} | {op['verdict']} |"
+        )
     return "\n".join(out)
 
 
@@ -67,8 +79,9 @@ def layer_table(result: dict) -> str:
     out = [f"| layer step, N={n}, K={k}, D={d}, fp32 | median | vqkernels is | check |", "|---|---|---|---|"]
     for r in rows:
         rel = r.get("x_vqkernels_time")
-        what = "—" if r["name"] == "vqkernels" else (f"{rel:.2g}× faster" if rel and rel >= 1
-                                                     else _x(rel) + " its time")
+        what = (
+            "—" if r["name"] == "vqkernels" else (f"{rel:.2g}× faster" if rel and rel >= 1 else _x(rel) + " its time")
+        )
         out.append(f"| {r['name']} | {_ms(r['median_ms'])} | {what} | {r['verdict']} |")
     return "\n".join(out)
 
@@ -76,20 +89,27 @@ def layer_table(result: dict) -> str:
 def demo_table(result: dict) -> str:
     """Test usage, perplexity and MSE per (data set, method) of ``python -m vqkernels.demo``."""
     k = result["config"]["num_codes"]
-    out = ["| data set | method | test usage | codes used | test perplexity | test MSE | train time |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| data set | method | test usage | codes used | test perplexity | test MSE | train time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["runs"]:
         t = r["test"]
-        out.append(f"| {r['dataset']} | `{r['method']}` | {100 * t['usage']:.1f}% | {t['used_codes']}/{k} | "
-                   f"{t['perplexity']:.1f} | {t['mse']:.4f} | {r['train_time_s']:.0f} s |")
+        out.append(
+            f"| {r['dataset']} | `{r['method']}` | {100 * t['usage']:.1f}% | {t['used_codes']}/{k} | "
+            f"{t['perplexity']:.1f} | {t['mse']:.4f} | {r['train_time_s']:.0f} s |"
+        )
     return "\n".join(out)
 
 
 def compile_table(results: list[dict]) -> str:
     """Per kernel and triton version: variants, max registers and shared memory per arch, failures (from
     ``python -m vqkernels.triton.gpu_compile --json``)."""
-    out = ["| kernel | triton | variants (sm_80 + sm_90) | max registers (sm_80 / sm_90) | "
-           "max shared memory (sm_80 / sm_90) | spills or failures |", "|---|---|---|---|---|---|"]
+    out = [
+        "| kernel | triton | variants (sm_80 + sm_90) | max registers (sm_80 / sm_90) | "
+        "max shared memory (sm_80 / sm_90) | spills or failures |",
+        "|---|---|---|---|---|---|",
+    ]
     for result in results:
         kernels: dict[str, dict[int, list[dict]]] = {}
         for v in result["variants"]:
@@ -111,8 +131,12 @@ def main() -> None:
     args = p.parse_args()
     results = [json.loads(path.read_text()) for path in args.json]
     result = results[0]
-    tables = {"ops": lambda: ops_tables(result, args.backend), "layer": lambda: layer_table(result),
-              "demo": lambda: demo_table(result), "compile": lambda: compile_table(results)}
+    tables = {
+        "ops": lambda: ops_tables(result, args.backend),
+        "layer": lambda: layer_table(result),
+        "demo": lambda: demo_table(result),
+        "compile": lambda: compile_table(results),
+    }
     print(tables[args.kind]())
 
 

@@ -18,8 +18,12 @@ def pytest_generate_tests(metafunc):
         return
     cfg = metafunc.config
     device = cfg.getoption("--vqk-device")
-    cases = [(s, dt, m) for s in vqk_shapes(cfg) for dt in cfg.getoption("--vqk-dtype")
-             for m in cfg.getoption("--vqk-metric")]
+    cases = [
+        (s, dt, m)
+        for s in vqk_shapes(cfg)
+        for dt in cfg.getoption("--vqk-dtype")
+        for m in cfg.getoption("--vqk-metric")
+    ]
     names = [*bench.BASELINES, *bench.default_backends(device)]
     metafunc.parametrize("case", cases, ids=[f"{n}x{k}x{d}-{dt}-{m}" for (n, k, d), dt, m in cases])
     metafunc.parametrize("name", names)

@@ -11,9 +11,19 @@ from vqkernels.numerics import FLOAT_DTYPES, METRICS
 from vqkernels.testing import assert_search, brute_distances
 
 __all__ = [
-    "BACKEND_DEVICES", "DTYPES", "METRICS", "OPS", "backend_devices", "brute_distances", "check_search", "cpu_backends",
+    "BACKEND_DEVICES",
+    "DTYPES",
+    "METRICS",
+    "OPS",
+    "backend_devices",
+    "brute_distances",
+    "check_search",
+    "cpu_backends",
     "make_inputs",
-    "op_of", "opcheck_utils", "skip_compile_if_interpreted", "triton_interpreted",
+    "op_of",
+    "opcheck_utils",
+    "skip_compile_if_interpreted",
+    "triton_interpreted",
 ]
 
 DTYPES = FLOAT_DTYPES

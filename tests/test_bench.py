@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_quick_json(tmp_path):
     out = tmp_path / "b.json"
     metrics = ["l2", "cosine"]  # l2 has every baseline; dot runs the cosine code path without the norms
-    assert bench.main(["--quick", "--device", "cpu", "--json", out, "--min-time", "0.02",
-                       "--metric", ",".join(metrics)]) == 0
+    assert (
+        bench.main(["--quick", "--device", "cpu", "--json", out, "--min-time", "0.02", "--metric", ",".join(metrics)])
+        == 0
+    )
     result = json.loads(out.read_text())
     machine = result["machine"]
     for key in ("vqkernels", "torch", "threads", "device_name", "git_commit", "date", "roofline"):
@@ -64,27 +66,74 @@ def test_bench_quick_json(tmp_path):
                 assert r["check"]["worst_dist_err_over_scale"] <= 1
             else:
                 assert r["verdict"] == "-" and r["check"] == {}
-    tables = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "ops", str(out)],
-                            capture_output=True, text=True, check=True).stdout  # the README's generator
+    tables = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "ops", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout  # the README's generator
     assert tables.count("| PASS |") == len(cases) and "| 4096, 1024, 64 | bf16 | " in tables
     fastest = {(tuple(f["shape"]), f["dtype"], f["metric"]): f for f in result["fastest_backend"]}
     assert set(fastest) == (cases if len(backends) > 1 else set())
     for case, f in fastest.items():
-        times = {r["name"]: r["median_ms"] for r in rows
-                 if (tuple(r["shape"]), r["dtype"], r["metric"]) == case and r["kind"] == "backend"}
+        times = {
+            r["name"]: r["median_ms"]
+            for r in rows
+            if (tuple(r["shape"]), r["dtype"], r["metric"]) == case and r["kind"] == "backend"
+        }
         assert f["median_ms"] == times and f["fastest"] == min(times, key=times.get)
 
 
 def test_bench_time_limit_stops_between_cases_with_a_complete_json(tmp_path):
     """--time-limit starts no case after the limit; the JSON (rewritten whole after every case) says so."""
     out = tmp_path / "b.json"
-    assert bench.main(["--quick", "--device", "cpu", "--json", out, "--min-time", "0.01", "--metric", "dot",
-                       "--dtype", "fp32", "--time-limit", "0", "--backend", "torch"]) == 0
+    assert (
+        bench.main(
+            [
+                "--quick",
+                "--device",
+                "cpu",
+                "--json",
+                out,
+                "--min-time",
+                "0.01",
+                "--metric",
+                "dot",
+                "--dtype",
+                "fp32",
+                "--time-limit",
+                "0",
+                "--backend",
+                "torch",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["rows"] == [] and result["config"]["complete"] is False
     assert not list(tmp_path.glob("*.tmp"))
-    assert bench.main(["--quick", "--device", "cpu", "--json", out, "--min-time", "0.01", "--metric", "dot",
-                       "--dtype", "fp32", "--time-limit", "600", "--backend", "torch"]) == 0
+    assert (
+        bench.main(
+            [
+                "--quick",
+                "--device",
+                "cpu",
+                "--json",
+                out,
+                "--min-time",
+                "0.01",
+                "--metric",
+                "dot",
+                "--dtype",
+                "fp32",
+                "--time-limit",
+                "600",
+                "--backend",
+                "torch",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["config"]["complete"] is True and result["config"]["cases_done"] == len(bench.QUICK_SHAPES)
     assert {tuple(r["shape"]) for r in result["rows"]} == set(bench.QUICK_SHAPES)
@@ -95,8 +144,13 @@ def test_roofline_of_known_gpus_matches_the_derived_bounds():
     the table must reproduce them."""
     h100 = roofline.gpu_spec("NVIDIA H100 80GB HBM3")
     assert h100.source.endswith("H100 SXM") and h100.bandwidth == 3.35e12
-    for (n, k, d), ms in {(65536, 16384, 256): 0.56, (262144, 16384, 8): 0.51, (1048576, 16384, 64): 2.2,
-                          (65536, 1048576, 64): 8.9, (1048576, 4096, 1024): 8.9}.items():
+    for (n, k, d), ms in {
+        (65536, 16384, 256): 0.56,
+        (262144, 16384, 8): 0.51,
+        (1048576, 16384, 64): 2.2,
+        (65536, 1048576, 64): 8.9,
+        (1048576, 4096, 1024): 8.9,
+    }.items():
         assert roofline.bound_seconds(n, k, d, torch.bfloat16, h100) * 1e3 == pytest.approx(ms, abs=0.01 + ms / 100)
     # memory-bound: D large, K tiny -> bytes / bandwidth
     t = roofline.bound_seconds(1 << 20, 1, 1024, torch.bfloat16, h100)
@@ -123,9 +177,10 @@ def test_bench_presets_and_plot(tmp_path):
     default = bench.parse_args(["--device", "cpu"])
     assert default.metric == list(METRICS) and bench.parse_args(["--metric", "dot"]).metric == ["dot"]
     # cpu-default: every metric on the small shape, l2 only on the large ones (a few minutes on 2 cores)
-    assert sorted(default.cases) == sorted([((4096, 1024, 64), dt, m) for dt in ("fp32", "bf16") for m in METRICS]
-                                           + [(s, dt, "l2") for s in bench.PRESET_L2_ONLY["cpu-default"]
-                                              for dt in ("fp32", "bf16")])
+    assert sorted(default.cases) == sorted(
+        [((4096, 1024, 64), dt, m) for dt in ("fp32", "bf16") for m in METRICS]
+        + [(s, dt, "l2") for s in bench.PRESET_L2_ONLY["cpu-default"] for dt in ("fp32", "bf16")]
+    )
     assert len(bench.parse_args(["--device", "cpu", "--metric", "l2,dot"]).cases) == 3 * 2 * 2  # asked: all shapes
     assert len(bench.parse_args(["--preset", "gpu", "--dtype", "bf16"]).cases) == 9 * 3
     # the backends come from the dispatch table (triton's interpreter is not timed)
@@ -134,16 +189,35 @@ def test_bench_presets_and_plot(tmp_path):
         bench.parse_args(["--metric", "l3"])
     assert bench.parse_args(["--preset", "gpu", "--shape", "10,20,30"]).shapes == [(10, 20, 30)]
     png = tmp_path / "speedup.png"
-    assert bench.main(["--shape", "300,70,8", "--shape", "300,140,8", "--dtype", "fp32", "--min-time", "0.01",
-                       "--metric", "dot", "--plot", png]) == 0
+    assert (
+        bench.main(
+            [
+                "--shape",
+                "300,70,8",
+                "--shape",
+                "300,140,8",
+                "--dtype",
+                "fp32",
+                "--min-time",
+                "0.01",
+                "--metric",
+                "dot",
+                "--plot",
+                png,
+            ]
+        )
+        == 0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
 def test_bench_skips_nxk_baselines_over_the_memory_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.baselines, "MAX_NK_BYTES", 1)  # where run_case reads it
     out = tmp_path / "b.json"
-    assert bench.main(["--shape", "200,50,8", "--dtype", "fp32", "--min-time", "0.01", "--metric", "l2",
-                       "--json", out]) == 0
+    assert (
+        bench.main(["--shape", "200,50,8", "--dtype", "fp32", "--min-time", "0.01", "--metric", "l2", "--json", out])
+        == 0
+    )
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     for name in ("naive", "gemm", "gemm_out", "gemm_argmin"):
         assert rows[name]["verdict"].startswith("skipped") and rows[name]["median_ms"] is None
@@ -151,8 +225,20 @@ def test_bench_skips_nxk_baselines_over_the_memory_limit(tmp_path, monkeypatch):
 
 
 def _run_suites(*extra, env=None):
-    cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "-q", "-p", "no:cacheprovider",
-           "--vqk-shape", "300,70,8", "--vqk-dtype", "fp32,bf16", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(ROOT / "benchmarks"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--vqk-shape",
+        "300,70,8",
+        "--vqk-dtype",
+        "fp32,bf16",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -220,8 +306,9 @@ def test_layer_bench_quick_json(tmp_path):
 
 @pytest.mark.parametrize("module", ["vqkernels.bench", "vqkernels.bench_layer"])
 def test_entry_points_run(module):
-    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"python -m {module}" in out.stdout and "--json" in out.stdout
 
@@ -229,8 +316,12 @@ def test_entry_points_run(module):
 def test_bench_modules_share_public_names_only():
     """No module of the benchmark (nor a user of it) imports another module's private (underscore) helper, and
     none carries its own distance oracle: the correctness column is vqkernels.testing's."""
-    files = [*sorted((ROOT / "vqkernels" / "bench").glob("*.py")), ROOT / "vqkernels" / "bench_layer.py",
-             ROOT / "vqkernels" / "demo" / "cli.py", *sorted((ROOT / "benchmarks").glob("*.py"))]
+    files = [
+        *sorted((ROOT / "vqkernels" / "bench").glob("*.py")),
+        ROOT / "vqkernels" / "bench_layer.py",
+        ROOT / "vqkernels" / "demo" / "cli.py",
+        *sorted((ROOT / "benchmarks").glob("*.py")),
+    ]
     for path in files:
         text = path.read_text()
         for node in ast.walk(ast.parse(text)):

@@ -15,8 +15,9 @@ def _expected(x, codes, k):
 @pytest.mark.parametrize("bd", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dist", ["uniform", "zipf", "collapse", "few_rows"])
-@pytest.mark.parametrize("shape", [(0, 5, 3), (1, 1, 1), (4099, 1000, 64), (1000, 5000, 257), (7, 3, 3)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(0, 5, 3), (1, 1, 1), (4099, 1000, 64), (1000, 5000, 257), (7, 3, 3)], ids=lambda s: "x".join(map(str, s))
+)
 def test_matches_fp64(shape, dist, dtype, bd):
     backend, dev = bd
     n, k, d = shape

@@ -1,6 +1,6 @@
-"""The layers under torch.compile and autocast (README "Method" §4): forward + backward compiles with fullgraph=True when
-the non-gradient updates are off, and with graph breaks only at those updates otherwise; autocast runs the search
-in the low precision and keeps the losses in fp32."""
+"""The layers under torch.compile and autocast (README "Method" §4): forward + backward compiles with fullgraph=True
+when the non-gradient updates are off, and with graph breaks only at those updates otherwise; autocast runs the
+search in the low precision and keeps the losses in fp32."""
 
 import pytest
 import torch
@@ -53,6 +53,7 @@ def test_fullgraph_forward_backward_matches_eager(name):
 def test_updates_break_the_graph_only_at_the_updates():
     """k-means init, LRU and CVQ anchors on: the compiled step equals the eager one, and every graph break is one of
     the eager update methods."""
+
     def make():
         torch.manual_seed(0)
         return VectorQuant(8, 16, dim=-1, kmeans_init=True, kmeans_iters=2, replace_freq=2, anchor="closest")

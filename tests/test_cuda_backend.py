@@ -39,8 +39,12 @@ def test_ties_and_exact_near_ties():
     assert bool((codes == 0).all())
     g = torch.Generator().manual_seed(3)
     base = torch.randn(1, 16, generator=g, dtype=torch.float64)
-    cbn = torch.cat([base + 1e-7 * torch.randn(6, 16, generator=g, dtype=torch.float64),
-                     torch.randn(200, 16, generator=g, dtype=torch.float64)]).float()
+    cbn = torch.cat(
+        [
+            base + 1e-7 * torch.randn(6, 16, generator=g, dtype=torch.float64),
+            torch.randn(200, 16, generator=g, dtype=torch.float64),
+        ]
+    ).float()
     x = (base + 1e-3 * torch.randn(40, 16, generator=g, dtype=torch.float64)).float()
     codes, _ = vq.nearest_code(x.cuda(), cbn.cuda(), exact=True, backend="cuda")
     assert torch.equal(codes.cpu(), brute_distances(x, cbn, "l2", direct=True).argmin(1))

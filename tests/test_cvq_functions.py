@@ -61,8 +61,9 @@ def test_anchor_alpha_matches_formula_and_limits():
         assert alpha.dtype == torch.float32 and alpha.shape == (k,)
         torch.testing.assert_close(alpha.double(), want, rtol=1e-5, atol=1e-30)
         # never-used codes: alpha ~ 1 (they are moved onto their anchor)
-        torch.testing.assert_close(cvq.anchor_alpha(torch.zeros(k), decay),
-                                   torch.full((k,), math.exp(-1e-3)), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            cvq.anchor_alpha(torch.zeros(k), decay), torch.full((k,), math.exp(-1e-3)), rtol=1e-6, atol=0
+        )
         # codes used at the uniform rate: alpha = exp(-10 / (1 - decay)) ~ 0 (kept)
         uni = cvq.anchor_alpha(torch.full((k,), 1.0 / k), decay).double()
         want_uni = torch.full((k,), math.exp(-10 / (1 - decay) - 1e-3), dtype=torch.float64)
@@ -334,7 +335,7 @@ def naive_contrastive(x, cb, metric, tau=0.07):
         s = x64 @ c64.T
     n, k = s.shape
     srt = s.sort(dim=0).values  # ascending over the batch, per code
-    pos = srt[n - max(1, n // k):].mean(0, keepdim=True)
+    pos = srt[n - max(1, n // k) :].mean(0, keepdim=True)
     neg = srt[: n // 2]
     logits = torch.cat([pos, neg]).T / tau  # [K, 1 + N//2]
     return F.cross_entropy(logits, torch.zeros(k, dtype=torch.long))

@@ -60,7 +60,7 @@ def test_random_anchor_update_uses_the_pool():
     assert int(vq.pool_filled) == k
     pool = vq.feature_pool.double()
     # the pool holds K distinct batch rows (N >= K)
-    match = (brute_distances(pool, x, "l2") < 1e-20)
+    match = brute_distances(pool, x, "l2") < 1e-20
     assert (match.sum(1) == 1).all() and match.any(0).sum() == k
     _, alpha = _alpha(_counts(codes, k), n, k)
     expect = (1 - alpha[:, None]) * c0 + alpha[:, None] * pool
@@ -155,10 +155,10 @@ def test_group_vector_quant_separate_blocks_get_their_own_anchors():
     torch.testing.assert_close(vq.embed_prob.double(), h, rtol=1e-6, atol=1e-9)
     expect = torch.empty_like(c0)
     for i in range(g):
-        rows, block = x[:, 3 * i:3 * i + 3], c0[4 * i:4 * i + 4]
+        rows, block = x[:, 3 * i : 3 * i + 3], c0[4 * i : 4 * i + 4]
         near = brute_distances(block, rows, "l2").argmin(1)
-        a = alpha[4 * i:4 * i + 4, None]
-        expect[4 * i:4 * i + 4] = (1 - a) * block + a * rows[near]
+        a = alpha[4 * i : 4 * i + 4, None]
+        expect[4 * i : 4 * i + 4] = (1 - a) * block + a * rows[near]
     torch.testing.assert_close(vq.codebook.weight.detach(), expect, rtol=1e-6, atol=1e-9)
 
 
@@ -288,8 +288,11 @@ def test_quantiser_bad_arguments():
 # ---------------------------------------------------------------------------------------------------------------
 def test_vqtorch_checkpoint_with_lru_counts_loads():
     vq = VectorQuant(4, 8, dim=-1, replace_freq=5, kmeans_init=True)
-    ckpt = {"codebook.weight": torch.randn(8, 4), "data_initialized": torch.ones(1),
-            "_counts": torch.tensor([5.0, 4, 3, 2, 1, 5, 5, 5])}  # vqtorch's float LRU counters
+    ckpt = {
+        "codebook.weight": torch.randn(8, 4),
+        "data_initialized": torch.ones(1),
+        "_counts": torch.tensor([5.0, 4, 3, 2, 1, 5, 5, 5]),
+    }  # vqtorch's float LRU counters
     vq.load_state_dict(ckpt)
     assert torch.equal(vq.lru_counters, torch.tensor([5, 4, 3, 2, 1, 5, 5, 5]))
     assert torch.equal(vq.codebook.weight.detach(), ckpt["codebook.weight"]) and bool(vq.data_initialized)

@@ -127,8 +127,16 @@ def test_evaluate_on_a_tiny_model():
 def test_same_seed_same_numbers_and_another_seed_differs():
     def numbers(seed):
         results = demo.main(["--quick", "--datasets", "digits", "--seed", seed])
-        return [(r.method, {k: v for k, v in r.test.items() if k != "counts"}, r.test["counts"].tolist(),
-                 r.init_test_mse, r.curves) for r in results]
+        return [
+            (
+                r.method,
+                {k: v for k, v in r.test.items() if k != "counts"},
+                r.test["counts"].tolist(),
+                r.init_test_mse,
+                r.curves,
+            )
+            for r in results
+        ]
 
     first = numbers(3)
     assert numbers(3) == first
@@ -162,15 +170,26 @@ def test_data_splits():
     from sklearn.datasets import load_sample_images
 
     photo = torch.tensor(load_sample_images().images[0], dtype=torch.float32).permute(2, 0, 1) / 255.0
-    tiles = patches.test[:26 * 8].view(26, 8, 3, 16, 16).permute(2, 0, 3, 1, 4).reshape(3, 26 * 16, 8 * 16)
-    assert torch.equal(tiles, photo[:, :26 * 16, -128:])
+    tiles = patches.test[: 26 * 8].view(26, 8, 3, 16, 16).permute(2, 0, 3, 1, 4).reshape(3, 26 * 16, 8 * 16)
+    assert torch.equal(tiles, photo[:, : 26 * 16, -128:])
 
 
-@pytest.mark.parametrize("argv", [
-    ["--steps", "0"], ["--steps", "ten"], ["--datasets", "mnist"], ["--datasets", ""],
-    ["--methods", "plain,ema"], ["--methods", ","], ["--seed", "-1"], ["--device", "tpu"], ["--backend", "numpy"],
-    ["--backend", "cpu", "--device", "cuda"], ["--bogus"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--steps", "0"],
+        ["--steps", "ten"],
+        ["--datasets", "mnist"],
+        ["--datasets", ""],
+        ["--methods", "plain,ema"],
+        ["--methods", ","],
+        ["--seed", "-1"],
+        ["--device", "tpu"],
+        ["--backend", "numpy"],
+        ["--backend", "cpu", "--device", "cuda"],
+        ["--bogus"],
+    ],
+)
 def test_bad_options_exit(argv, capsys):
     if argv[-1] == "cuda" and torch.cuda.is_available():
         argv = ["--backend", "cuda", "--device", "cpu"]  # the same mismatch the other way round
@@ -198,8 +217,9 @@ def test_readme_table_is_generated_from_the_json(quick, tmp_path):
     path = tmp_path / "demo.json"
     path.write_text(json.dumps(payload))
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "readme_tables.py"
-    table = subprocess.run([sys.executable, str(script), "demo", str(path)], capture_output=True, text=True,
-                           check=True).stdout.splitlines()
+    table = subprocess.run(
+        [sys.executable, str(script), "demo", str(path)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert len(table) == 2 + len(payload["runs"])
     first = payload["runs"][0]
     assert table[2].startswith(f"| {first['dataset']} | `{first['method']}` | {100 * first['test']['usage']:.1f}% |")

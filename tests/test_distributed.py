@@ -1,5 +1,5 @@
-"""torch.distributed (README "Method" §4): 2 gloo processes on CPU must end with bit-identical codebooks and buffers; the
-deterministic updates must equal a single-process run on the concatenated batch; an empty batch on one rank must
+"""torch.distributed (README "Method" §4): 2 gloo processes on CPU must end with bit-identical codebooks and buffers;
+the deterministic updates must equal a single-process run on the concatenated batch; an empty batch on one rank must
 neither hang nor diverge. Each test spawns 2 processes with a time limit.
 """
 
@@ -40,8 +40,13 @@ def _worker(rank, store, out_dir, kind, anchor, empty_rank, train):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     # a file store: no port to race for; a timeout turns a collective mismatch into an error, not a hang
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S // 2),
+    )
     try:
         layer = _make(kind, anchor)
         model = torch.nn.parallel.DistributedDataParallel(layer) if train else layer
@@ -68,8 +73,9 @@ def _worker(rank, store, out_dir, kind, anchor, empty_rank, train):
 def _run(tmp_path, kind="vq", anchor="closest", empty_rank=-1, train=True):
     ctx = mp.get_context("spawn")
     store = _store(tmp_path)
-    procs = [ctx.Process(target=_worker, args=(r, store, str(tmp_path), kind, anchor, empty_rank, train))
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, store, str(tmp_path), kind, anchor, empty_rank, train)) for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -111,8 +117,13 @@ def _single_process(anchor):
 def _det_worker(rank, store, out_dir):
     torch.set_num_threads(1)
     # a file store: no port to race for; a timeout turns a collective mismatch into an error, not a hang
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S // 2),
+    )
     try:
         torch.manual_seed(0)
         layer = _single_process("closest")

@@ -34,11 +34,13 @@ def _run_offline(body: str, tmp_path: Path, timeout: int = 300) -> subprocess.Co
     """Run ``body`` in a fresh process with the real compiler, an empty cache and ``gc`` = vqkernels.triton.
     gpu_compile imported."""
     script = tmp_path / "probe.py"
-    script.write_text("import triton, triton.language as tl\nfrom vqkernels.triton import gpu_compile as gc\n"
-                      + textwrap.dedent(body))
+    script.write_text(
+        "import triton, triton.language as tl\nfrom vqkernels.triton import gpu_compile as gc\n" + textwrap.dedent(body)
+    )
     env = _compiled_env() | {"TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=timeout
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,7 +112,8 @@ def test_variant_count_does_not_grow_with_shapes(full_check):
 # The check catches what the interpreter accepts
 # ---------------------------------------------------------------------------------------------------------------
 def test_catches_a_module_global_a_spill_and_too_much_shared_memory(tmp_path):
-    out = _run_offline('''
+    out = _run_offline(
+        """
         import torch
 
         SCALE = 3  # a plain module global: the interpreter reads it, compiled triton refuses it
@@ -157,7 +160,9 @@ def test_catches_a_module_global_a_spill_and_too_much_shared_memory(tmp_path):
                     print(name, "compiled", v.regs, v.stack + v.local, v.shared, v.problems())
                 except Exception as e:
                     print(name, "raised", type(e).__name__, " ".join(str(e).split())[:400])
-    ''', tmp_path)
+    """,
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = {ln.split()[0]: ln for ln in out.stdout.splitlines() if ln.split()}
     assert "raised" in lines["global"] and "SCALE" in lines["global"], lines["global"]
@@ -167,25 +172,34 @@ def test_catches_a_module_global_a_spill_and_too_much_shared_memory(tmp_path):
 
 def test_info_kernels_prints_the_table_for_one_launch(tmp_path):
     """The table printer on a real (small) result: one quick launch compiled for sm_80."""
-    out = _run_offline('''
+    out = _run_offline(
+        """
         with gc.offline_target(80) as rec:
             gc.launch(gc.Case("quantize", "bfloat16", "l2", 64))
         vs = list(rec.variants.values())
         print(gc.table(vs))
         print(sorted(gc.summary(vs)))
-    ''', tmp_path)
+    """,
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     head = out.stdout.splitlines()[0].split()
     assert head[:8] == ["kernel", "arch", "variant", "warps", "stages", "regs", "spill", "B"]
     for kernel in ("sum_squares_kernel", "search_kernel", "finalize_kernel"):
-        assert any(ln.startswith(kernel) and "sm_80" in ln and ln.rstrip().endswith("ok")
-                   for ln in out.stdout.splitlines()), kernel
+        assert any(
+            ln.startswith(kernel) and "sm_80" in ln and ln.rstrip().endswith("ok") for ln in out.stdout.splitlines()
+        ), kernel
 
 
 def test_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-m", "vqkernels.triton.gpu_compile", "--arch", "90"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "vqkernels.triton.gpu_compile", "--arch", "90"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 2 and "TRITON_INTERPRET" in out.stderr
 
 
@@ -201,8 +215,13 @@ def _gpu_check_module():
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible")
 def test_gpu_check_says_no_gpu_and_exits_nonzero(tmp_path):
-    out = subprocess.run(["make", "-s", "gpu-check", f"OUT={tmp_path}", f"PYTHON={sys.executable}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        ["make", "-s", "gpu-check", f"OUT={tmp_path}", f"PYTHON={sys.executable}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0
     assert "no CUDA GPU is visible" in out.stderr
     summary = json.loads((tmp_path / "gpu-check.json").read_text())
@@ -213,8 +232,11 @@ def test_gpu_check_says_no_gpu_and_exits_nonzero(tmp_path):
 def test_gpu_check_steps_stop_at_their_time_limit(tmp_path):
     gpu_check = _gpu_check_module()
     t0 = time.monotonic()
-    res = gpu_check.run_step([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
-                             tmp_path / "slow.log", timeout=2)
+    res = gpu_check.run_step(
+        [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+        tmp_path / "slow.log",
+        timeout=2,
+    )
     assert time.monotonic() - t0 < 20
     assert res["rc"] is None and "time limit" in res["status"]
     assert "started" in (tmp_path / "slow.log").read_text()
@@ -240,8 +262,12 @@ def test_gpu_check_plan_targets_cuda_cases_only(tmp_path):
 def test_readme_compile_table_is_generated_from_the_committed_json():
     results = sorted((ROOT / "benchmarks" / "results").glob("gpu-compile-triton-*.json"), reverse=True)
     assert [p.name for p in results] == ["gpu-compile-triton-3.9.0.json", "gpu-compile-triton-3.6.0.json"]
-    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "compile",
-                            *map(str, results)], capture_output=True, text=True, check=True).stdout.strip()
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "compile", *map(str, results)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert table in (ROOT / "README.md").read_text()
     for path in results:
         data = json.loads(path.read_text())

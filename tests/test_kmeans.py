@@ -1,5 +1,5 @@
-"""k-means++ seeding and Lloyd k-means on the fused ops (README "Method" §2.5): quality against scikit-learn, fixed-point
-properties against an fp64 brute force, K > N, empty clusters, determinism and argument checks."""
+"""k-means++ seeding and Lloyd k-means on the fused ops (README "Method" §2.5): quality against scikit-learn,
+fixed-point properties against an fp64 brute force, K > N, empty clusters, determinism and argument checks."""
 
 from __future__ import annotations
 
@@ -35,9 +35,11 @@ def _distinct(c: torch.Tensor) -> bool:
 def _dataset(name: str):
     if name == "blobs-8d-16c":
         from sklearn.datasets import make_blobs
+
         return make_blobs(2000, 8, centers=16, random_state=0)[0], 16
     if name == "blobs-16d-40c":
         from sklearn.datasets import make_blobs
+
         return make_blobs(3000, 16, centers=40, cluster_std=2.0, random_state=3)[0], 64
     return torch.randn(2000, 8, generator=_gen(1), dtype=torch.float64).numpy(), 16  # "gaussian"
 
@@ -216,26 +218,29 @@ def test_progress_bar(monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, exc, name", [
-    (dict(x=[[1.0, 2.0]]), TypeError, "x"),
-    (dict(x=torch.randn(5)), ValueError, "x"),
-    (dict(x=torch.randn(2, 3, 4)), ValueError, "x"),
-    (dict(x=torch.ones(5, 3, dtype=torch.int64)), TypeError, "x"),
-    (dict(x=torch.randn(0, 3)), ValueError, "x"),
-    (dict(x=torch.tensor([[1.0, float("nan")]])), ValueError, "x"),
-    (dict(num_codes=0), ValueError, "num_codes"),
-    (dict(num_codes=-3), ValueError, "num_codes"),
-    (dict(num_codes=2.5), TypeError, "num_codes"),
-    (dict(num_codes=True), TypeError, "num_codes"),
-    (dict(metric="dot"), ValueError, "metric"),
-    (dict(generator=0), TypeError, "generator"),
-    (dict(backend="nope"), ValueError, "backend"),
-    (dict(iters=-1), ValueError, "iters"),
-    (dict(iters=2.0), ValueError, "iters"),
-    (dict(tol=-1e-3), ValueError, "tol"),
-    (dict(tol=float("nan")), ValueError, "tol"),
-    (dict(progress="yes"), TypeError, "progress"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, name",
+    [
+        (dict(x=[[1.0, 2.0]]), TypeError, "x"),
+        (dict(x=torch.randn(5)), ValueError, "x"),
+        (dict(x=torch.randn(2, 3, 4)), ValueError, "x"),
+        (dict(x=torch.ones(5, 3, dtype=torch.int64)), TypeError, "x"),
+        (dict(x=torch.randn(0, 3)), ValueError, "x"),
+        (dict(x=torch.tensor([[1.0, float("nan")]])), ValueError, "x"),
+        (dict(num_codes=0), ValueError, "num_codes"),
+        (dict(num_codes=-3), ValueError, "num_codes"),
+        (dict(num_codes=2.5), TypeError, "num_codes"),
+        (dict(num_codes=True), TypeError, "num_codes"),
+        (dict(metric="dot"), ValueError, "metric"),
+        (dict(generator=0), TypeError, "generator"),
+        (dict(backend="nope"), ValueError, "backend"),
+        (dict(iters=-1), ValueError, "iters"),
+        (dict(iters=2.0), ValueError, "iters"),
+        (dict(tol=-1e-3), ValueError, "tol"),
+        (dict(tol=float("nan")), ValueError, "tol"),
+        (dict(progress="yes"), TypeError, "progress"),
+    ],
+)
 def test_bad_arguments(kwargs, exc, name):
     args = dict(x=torch.randn(20, 3), num_codes=4)
     args.update(kwargs)

@@ -22,8 +22,11 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
             out += [(a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = pkg.split(".")
-            mod = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else [])) \
-                if node.level else node.module
+            mod = (
+                ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+                if node.level
+                else node.module
+            )
             out.append((mod, [a.name for a in node.names]))
     return out
 
@@ -52,8 +55,15 @@ def test_no_reference_to_documents_outside_the_repository():
     """Comments cite the README's method section or the papers, never a file a clone does not have."""
     pattern = re.compile(r"METHODS(\.md)?\s*§|METHODS\.md|PERFORMANCE\.md|ARCHITECTURE\.md|shared/docs")
     offenders = []
-    for path in [*REPO.glob("vqkernels/**/*.py"), *REPO.glob("csrc/**/*"), *REPO.glob("tests/**/*.py"),
-                 *REPO.glob("benchmarks/*.py"), REPO / "README.md", REPO / "Makefile", REPO / "setup.py"]:
+    for path in [
+        *REPO.glob("vqkernels/**/*.py"),
+        *REPO.glob("csrc/**/*"),
+        *REPO.glob("tests/**/*.py"),
+        *REPO.glob("benchmarks/*.py"),
+        REPO / "README.md",
+        REPO / "Makefile",
+        REPO / "setup.py",
+    ]:
         if path.is_file() and path.suffix in (".py", ".cpp", ".h", ".cu", ".md", "") and path != Path(__file__):
             for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
                 if pattern.search(line):

@@ -20,8 +20,17 @@ import vqkernels as vq
 # Every N in {0, 1, 7, 1000, 4099}, K in {1, 3, 1000, 5000} and D in {1, 3, 64, 257} appears; the large
 # combinations are spread out so the fp64 brute force stays cheap.
 SHAPES = [
-    (0, 3, 3), (1, 1, 1), (1, 5000, 257), (7, 3, 64), (7, 1000, 1), (1000, 1, 257), (1000, 1000, 3),
-    (1000, 5000, 64), (4099, 3, 1), (4099, 1000, 257), (4099, 5000, 64),
+    (0, 3, 3),
+    (1, 1, 1),
+    (1, 5000, 257),
+    (7, 3, 64),
+    (7, 1000, 1),
+    (1000, 1, 257),
+    (1000, 1000, 3),
+    (1000, 5000, 64),
+    (4099, 3, 1),
+    (4099, 1000, 257),
+    (4099, 5000, 64),
 ]
 
 
@@ -130,8 +139,9 @@ def test_integer_data_ties_go_to_lowest_index(dtype, exact, metric, bd):
     want = tied.double().argmax(1)  # the lowest tied index
     ties = tied.sum(1)
     assert int((ties > 1).sum()) > 200, "the construction must make many rows' nearest code a tie"
-    codes, dist = vq.nearest_code(x64.to(device=dev, dtype=dtype), cb64.to(device=dev, dtype=dtype),
-                                  metric=metric, exact=exact, backend=backend)
+    codes, dist = vq.nearest_code(
+        x64.to(device=dev, dtype=dtype), cb64.to(device=dev, dtype=dtype), metric=metric, exact=exact, backend=backend
+    )
     wrong = (codes.cpu() != want).sum().item()
     assert wrong == 0, f"{wrong} of 1000 rows broke a tie (or missed the minimum)"
     if metric != "cosine":  # integer distances: exact in every accumulation
@@ -205,8 +215,11 @@ def test_torch_compile_fullgraph(bd):
 
 
 @pytest.mark.skipif(("cpu", "cpu") not in backend_devices(), reason="the C++ extension is not built")
-@pytest.mark.parametrize("tile_env", [{}, {"VQK_CPU_BN": "40", "VQK_CPU_BM": "13"}, {"VQK_CPU_BF16_BRGEMM": "1"}],
-                         ids=["default", "small-tiles", "brgemm"])
+@pytest.mark.parametrize(
+    "tile_env",
+    [{}, {"VQK_CPU_BN": "40", "VQK_CPU_BM": "13"}, {"VQK_CPU_BF16_BRGEMM": "1"}],
+    ids=["default", "small-tiles", "brgemm"],
+)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("exact", [False, True])
 def test_cpu_bf16_tile_paths(tile_env, metric, exact, monkeypatch):

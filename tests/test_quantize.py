@@ -19,8 +19,9 @@ import vqkernels as vq
 @pytest.mark.parametrize("bd", BACKEND_DEVICES)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(0, 5, 4), (1, 1, 3), (7, 3, 257), (1000, 5000, 64), (4099, 1000, 1)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(0, 5, 4), (1, 1, 3), (7, 3, 257), (1000, 5000, 64), (4099, 1000, 1)], ids=lambda s: "x".join(map(str, s))
+)
 def test_outputs_consistent_and_correct(shape, dtype, metric, bd):
     backend, dev = bd
     x, cb = make_inputs(*shape, dtype=dtype, seed=11, device=dev)
@@ -86,9 +87,11 @@ def test_opcheck(bd):
         torch.library.opcheck(op, (x, cb, metric, False), test_utils=opcheck_utils(backend))
     # With a grad-requiring input, opcheck's AOT test sums all outputs into the first one (int64 codes) and
     # fails on the dtype; the gradient under AOT is covered by test_torch_compile_fullgraph_with_backward.
-    torch.library.opcheck(op, (x, cb.clone().requires_grad_(True), "l2", True),
-                          test_utils=opcheck_utils(backend, ("test_schema", "test_autograd_registration",
-                                                             "test_faketensor")))
+    torch.library.opcheck(
+        op,
+        (x, cb.clone().requires_grad_(True), "l2", True),
+        test_utils=opcheck_utils(backend, ("test_schema", "test_autograd_registration", "test_faketensor")),
+    )
     torch.library.opcheck(op, (x[:0], cb, "dot", False), test_utils=opcheck_utils(backend))
 
 

@@ -63,8 +63,7 @@ def test_draws_follow_the_softmax(bd, metric):
     c = torch.tensor([[0.3, 0.8]])
     p = torch.softmax(-brute_distances(c, x, metric)[0], 0)
     draws = 3000
-    rows = vq.sample_code(x.to(dev), c.expand(draws, 2).contiguous().to(dev), metric=metric, seed=11,
-                          backend=backend)
+    rows = vq.sample_code(x.to(dev), c.expand(draws, 2).contiguous().to(dev), metric=metric, seed=11, backend=backend)
     hits = torch.bincount(rows.cpu(), minlength=5).double()
     chi2 = float(((hits - draws * p) ** 2 / (draws * p)).sum())
     assert chi2 < 18.47, (hits, draws * p)
@@ -81,8 +80,7 @@ def test_one_row_one_code_and_non_contiguous_inputs(bd):
     wide = torch.randn(500, 20, generator=torch.Generator().manual_seed(3)).to(dev)
     xs, cbs = wide[:, 3:11], wide[:60, 2:10].T.contiguous().T
     got = vq.sample_code(xs, cbs, metric="cosine", seed=9, backend=backend)
-    assert torch.equal(got, vq.sample_code(xs.contiguous(), cbs.contiguous(), metric="cosine", seed=9,
-                                           backend=backend))
+    assert torch.equal(got, vq.sample_code(xs.contiguous(), cbs.contiguous(), metric="cosine", seed=9, backend=backend))
 
 
 def test_seed_none_draws_from_the_default_generator():
@@ -99,8 +97,9 @@ def test_opcheck(bd):
     x, cb = make_inputs(33, 20, 9, torch.float32, device=dev)
     for metric in METRICS:
         for seed in (0, (1 << 64) - 1):
-            torch.library.opcheck(op_of(backend, "sample_code"), (x, cb, metric, seed_to_schema(seed)),
-                                  test_utils=opcheck_utils(backend))
+            torch.library.opcheck(
+                op_of(backend, "sample_code"), (x, cb, metric, seed_to_schema(seed)), test_utils=opcheck_utils(backend)
+            )
 
 
 @pytest.mark.parametrize("bd", BACKEND_DEVICES)

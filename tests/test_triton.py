@@ -5,7 +5,6 @@ Without a GPU the kernels run on CPU tensors in triton's interpreter (conftest.p
 backend-generic suites (test_nearest_code.py, test_quantize.py, test_code_stats.py) run the rest of the matrix.
 """
 
-
 import pytest
 import torch
 from helpers import METRICS, brute_distances, check_search, make_inputs, op_of
@@ -81,8 +80,12 @@ def test_exact_mode_candidates_and_full_rescan(candidates, metric, monkeypatch):
     monkeypatch.setenv("VQK_TRITON_EXACT_CANDIDATES", candidates)
     g = torch.Generator().manual_seed(3)
     base = torch.randn(1, 16, generator=g, dtype=torch.float64)
-    cb = torch.cat([base + 1e-7 * torch.randn(6, 16, generator=g, dtype=torch.float64),
-                    torch.randn(200, 16, generator=g, dtype=torch.float64)])
+    cb = torch.cat(
+        [
+            base + 1e-7 * torch.randn(6, 16, generator=g, dtype=torch.float64),
+            torch.randn(200, 16, generator=g, dtype=torch.float64),
+        ]
+    )
     cb = cb[torch.randperm(cb.shape[0], generator=g)].float()
     x = (base + 1e-3 * torch.randn(40, 16, generator=g, dtype=torch.float64)).float()
     codes, dist = vq.nearest_code(x.to(DEV), cb.to(DEV), metric=metric, exact=True, backend="triton")

@@ -24,8 +24,12 @@ SEARCH_CASES = [
     ("mixed dtypes", dict(x=torch.randn(10, 4, dtype=torch.float64)), TypeError, "same dtype"),
     ("device mismatch", dict(codebook=torch.randn(6, 4, device="meta")), ValueError, "same device"),
     ("nan codebook", dict(codebook=torch.tensor([[float("nan")] * 4] * 6)), ValueError, "codebook contains non-finite"),
-    ("inf codebook", dict(codebook=CB.clone().index_fill_(0, torch.tensor([3]), float("inf"))), ValueError,
-     "codebook contains non-finite"),
+    (
+        "inf codebook",
+        dict(codebook=CB.clone().index_fill_(0, torch.tensor([3]), float("inf"))),
+        ValueError,
+        "codebook contains non-finite",
+    ),
     ("nan x", dict(x=X.clone().index_fill_(0, torch.tensor([7]), float("nan"))), ValueError, "x contains non-finite"),
     ("bad metric", dict(metric="euclid"), ValueError, "metric must be"),
     ("non-bool exact", dict(exact=1), TypeError, "exact must be a bool"),
@@ -92,8 +96,9 @@ CODE_STATS_CASES = [
 def test_bad_code_stats_input(case, bd):
     backend, dev = bd
     _, override, exc, msg = case
-    args = {k: _on(dev, v) for k, v in (dict(x=X, codes=torch.zeros(10, dtype=torch.int64), num_codes=6)
-                                        | override).items()}
+    args = {
+        k: _on(dev, v) for k, v in (dict(x=X, codes=torch.zeros(10, dtype=torch.int64), num_codes=6) | override).items()
+    }
     with pytest.raises(exc, match=msg):
         vq.code_stats(args["x"], args["codes"], args["num_codes"], backend=backend)
 
@@ -126,8 +131,9 @@ def test_unknown_and_wrong_device_backend():
 
 
 def test_unavailable_backend_says_why(monkeypatch):
-    fake = dispatch.Backend("cpu", ("cpu",), "", "", checks_finite=True,
-                            build_why_not=lambda: "it was not compiled (test)")
+    fake = dispatch.Backend(
+        "cpu", ("cpu",), "", "", checks_finite=True, build_why_not=lambda: "it was not compiled (test)"
+    )
     monkeypatch.setitem(dispatch.BACKENDS, "cpu", fake)
     with pytest.raises(RuntimeError, match="it was not compiled"):
         vq.nearest_code(X, CB, backend="cpu")
@@ -204,10 +210,12 @@ def test_non_finite_policy_of_the_backend_table(bd):
     b = dispatch.BACKENDS[backend]
     bad_x = X.clone().index_fill_(0, torch.tensor([3]), float("nan")).to(dev)
     bad_cb = CB.clone().index_fill_(0, torch.tensor([2]), float("inf")).to(dev)
-    calls = {"nearest_code": lambda x, cb: b.op("nearest_code")(x, cb, "l2", False),
-             "quantize": lambda x, cb: b.op("quantize")(x, cb, "cosine", True),
-             "sample_code": lambda x, cb: b.op("sample_code")(x, cb, "dot", 7)}
-    for name, call in calls.items():
+    calls = {
+        "nearest_code": lambda x, cb: b.op("nearest_code")(x, cb, "l2", False),
+        "quantize": lambda x, cb: b.op("quantize")(x, cb, "cosine", True),
+        "sample_code": lambda x, cb: b.op("sample_code")(x, cb, "dot", 7),
+    }
+    for call in calls.values():
         for x, cb, which in ((bad_x, CB.to(dev), "x"), (X.to(dev), bad_cb, "codebook")):
             if b.checks_finite:
                 with pytest.raises(ValueError, match=f"{which} contains non-finite"):

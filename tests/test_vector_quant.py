@@ -227,8 +227,10 @@ def test_lru_replacement(affine):
 # ---------------------------------------------------------------------------------------------------------------
 # shapes, dims, modes
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape,dim", [((30, 6), 1), ((30, 6), -1), ((4, 6, 9), 1), ((2, 6, 3, 5), 1),
-                                       ((2, 3, 4, 5, 6), -1), ((2, 3, 6, 4, 5), 2)])
+@pytest.mark.parametrize(
+    "shape,dim",
+    [((30, 6), 1), ((30, 6), -1), ((4, 6, 9), 1), ((2, 6, 3, 5), 1), ((2, 3, 4, 5, 6), -1), ((2, 3, 6, 4, 5), 2)],
+)
 def test_any_rank_and_feature_axis(shape, dim):
     vq = _layer(dim=dim)
     z = torch.randn(shape, dtype=torch.float64)
@@ -261,8 +263,16 @@ def test_state_dict_round_trip_and_vqtorch_names():
     for i in range(3):
         vq(_x(seed=i))
     keys = set(vq.state_dict())
-    assert {"codebook.weight", "affine_transform.scale", "affine_transform.bias", "data_initialized",
-            "lru_counters", "embed_prob", "feature_pool", "pool_filled"} <= keys
+    assert {
+        "codebook.weight",
+        "affine_transform.scale",
+        "affine_transform.bias",
+        "data_initialized",
+        "lru_counters",
+        "embed_prob",
+        "feature_pool",
+        "pool_filled",
+    } <= keys
     other = _layer(**kw)
     other.load_state_dict(vq.state_dict())
     for k, v in vq.state_dict().items():
@@ -307,12 +317,21 @@ def test_no_vq_disables_every_layer():
     assert not torch.equal(model[0](x)[0], x)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(beta=1.5), "beta"), (dict(norm="batch"), "norm"), (dict(cb_norm="bn"), "cb_norm"),
-    (dict(metric="manhattan"), "metric"), (dict(replace_freq=-1), "replace_freq"), (dict(anchor="nearest"), "anchor"),
-    (dict(anchor="closest", anchor_decay=1.0), "anchor_decay"), (dict(affine_lr=-1.0), "affine_lr"),
-    (dict(affine_mode="ema"), "affine_mode"), (dict(kmeans_iters=-2), "kmeans_iters"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(beta=1.5), "beta"),
+        (dict(norm="batch"), "norm"),
+        (dict(cb_norm="bn"), "cb_norm"),
+        (dict(metric="manhattan"), "metric"),
+        (dict(replace_freq=-1), "replace_freq"),
+        (dict(anchor="nearest"), "anchor"),
+        (dict(anchor="closest", anchor_decay=1.0), "anchor_decay"),
+        (dict(affine_lr=-1.0), "affine_lr"),
+        (dict(affine_mode="ema"), "affine_mode"),
+        (dict(kmeans_iters=-2), "kmeans_iters"),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VectorQuant(6, 10, **kwargs)
@@ -343,9 +362,9 @@ def test_group_vector_quant(share):
     assert cb.shape == (8, 3) and out["q"].shape == (25, 4)
     for g in range(4):
         lo, hi = (0, 8) if share else (2 * g, 2 * g + 2)
-        expect = _nearest(x[:, 3 * g:3 * g + 3], cb[lo:hi]) + lo
+        expect = _nearest(x[:, 3 * g : 3 * g + 3], cb[lo:hi]) + lo
         assert torch.equal(out["q"][:, g], expect)
-        torch.testing.assert_close(z_q[:, 3 * g:3 * g + 3], cb[expect])
+        torch.testing.assert_close(z_q[:, 3 * g : 3 * g + 3], cb[expect])
     with pytest.raises(ValueError, match="divisible"):
         GroupVectorQuant(12, 10, groups=4, share=False)
     with pytest.raises(ValueError, match="groups"):
@@ -384,8 +403,10 @@ def test_loss_and_straight_through_functions(beta):
     for fn, ref in refs.items():
         got, want = fn(x, q, beta), ref()
         torch.testing.assert_close(got, want)
-        for a, b in zip(torch.autograd.grad(got, (x, q), allow_unused=True, materialize_grads=True),
-                        torch.autograd.grad(want, (x, q), allow_unused=True, materialize_grads=True)):
+        for a, b in zip(
+            torch.autograd.grad(got, (x, q), allow_unused=True, materialize_grads=True),
+            torch.autograd.grad(want, (x, q), allow_unused=True, materialize_grads=True),
+        ):
             torch.testing.assert_close(a, b)
     out = straight_through(x, q, 2.0)
     assert torch.equal(out, q)

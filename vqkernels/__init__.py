@@ -14,6 +14,16 @@ from .nn import GroupVectorQuant, ResidualVectorQuant, VectorQuant, VectorQuanti
 from .ops import METRICS, Quantized, code_stats, nearest_code, quantize, sample_code
 
 __all__ = [
-    "METRICS", "Quantized", "code_stats", "nearest_code", "quantize", "sample_code",
-    "VectorQuant", "GroupVectorQuant", "ResidualVectorQuant", "VectorQuantiser", "no_vq", "__version__",
+    "METRICS",
+    "Quantized",
+    "code_stats",
+    "nearest_code",
+    "quantize",
+    "sample_code",
+    "VectorQuant",
+    "GroupVectorQuant",
+    "ResidualVectorQuant",
+    "VectorQuantiser",
+    "no_vq",
+    "__version__",
 ]

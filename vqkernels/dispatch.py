@@ -95,21 +95,43 @@ def _no_gpu(device_type: str) -> str | None:
 
 
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", ("cpu", "cuda"), "_ref",
-                     "pure-PyTorch reference (chunked, never holds more than a bounded N-chunk x K block)",
-                     checks_finite=True, build_why_not=lambda: None, device_why_not=_no_gpu),
-    "cpu": Backend("cpu", ("cpu",), "",
-                   "fused C++ CPU op: tiled GEMM + argmin / top-4 / Gumbel epilogue + gather + histogram",
-                   checks_finite=True, build_why_not=_ext_why_not),
-    "cuda": Backend("cuda", ("cuda",), "",
-                    "C++/CUDA kernels (csrc/cuda): WMMA tensor-core / FMA tiled search + top-4 / Gumbel epilogue, "
-                    "split-K, warp-aggregated histogram and code_stats",
-                    checks_finite=False, build_why_not=_cuda_build_why_not, device_why_not=_no_gpu),
-    "triton": Backend("triton", ("cuda", "cpu"), "_triton",
-                      "Triton kernels: fused search (tl.dot + online argmin / top-4 / Gumbel epilogue), split-K, "
-                      "gather + histogram, code_stats; CPU tensors only under TRITON_INTERPRET=1",
-                      checks_finite=False, build_why_not=_triton.build_why_not,
-                      device_why_not=_triton.device_why_not),
+    "torch": Backend(
+        "torch",
+        ("cpu", "cuda"),
+        "_ref",
+        "pure-PyTorch reference (chunked, never holds more than a bounded N-chunk x K block)",
+        checks_finite=True,
+        build_why_not=lambda: None,
+        device_why_not=_no_gpu,
+    ),
+    "cpu": Backend(
+        "cpu",
+        ("cpu",),
+        "",
+        "fused C++ CPU op: tiled GEMM + argmin / top-4 / Gumbel epilogue + gather + histogram",
+        checks_finite=True,
+        build_why_not=_ext_why_not,
+    ),
+    "cuda": Backend(
+        "cuda",
+        ("cuda",),
+        "",
+        "C++/CUDA kernels (csrc/cuda): WMMA tensor-core / FMA tiled search + top-4 / Gumbel epilogue, "
+        "split-K, warp-aggregated histogram and code_stats",
+        checks_finite=False,
+        build_why_not=_cuda_build_why_not,
+        device_why_not=_no_gpu,
+    ),
+    "triton": Backend(
+        "triton",
+        ("cuda", "cpu"),
+        "_triton",
+        "Triton kernels: fused search (tl.dot + online argmin / top-4 / Gumbel epilogue), split-K, "
+        "gather + histogram, code_stats; CPU tensors only under TRITON_INTERPRET=1",
+        checks_finite=False,
+        build_why_not=_triton.build_why_not,
+        device_why_not=_triton.device_why_not,
+    ),
 }
 
 # Preference order of "auto" per device type.

@@ -42,9 +42,12 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m vqkernels.info", description=__doc__.split(":")[0])
-    p.add_argument("--kernels", action="store_true",
-                   help="compile every Triton kernel variant for real GPU targets (no GPU needed) and print the "
-                        "per-variant table: kernel, tile, warps, stages, registers, spills, shared memory")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="compile every Triton kernel variant for real GPU targets (no GPU needed) and print the "
+        "per-variant table: kernel, tile, warps, stages, registers, spills, shared memory",
+    )
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="with --kernels: sm_80 and/or sm_90")
     args = p.parse_args(argv)
     if args.kernels:
@@ -53,8 +56,15 @@ def main(argv=None) -> int:
 
         # a fresh process: the compile check needs the real compiler (no TRITON_INTERPRET) and an empty cache
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "vqkernels.triton.gpu_compile", "--table", "--quiet", "--arch",
-               *map(str, args.arch)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vqkernels.triton.gpu_compile",
+            "--table",
+            "--quiet",
+            "--arch",
+            *map(str, args.arch),
+        ]
         return subprocess.run(cmd, env=env).returncode
     info = collect()
     width = max(len(k) for k in info)

@@ -78,8 +78,8 @@ def sum_squares(codebook: Tensor) -> Tensor:
     sq = torch.empty(k, dtype=torch.float64, device=codebook.device)
     step = max(1, CHUNK_ELEMS // max(d, 1))
     for k0 in range(0, k, step):
-        c = codebook[k0:k0 + step].to(torch.float64)
-        sq[k0:k0 + step] = (c * c).sum(1)
+        c = codebook[k0 : k0 + step].to(torch.float64)
+        sq[k0 : k0 + step] = (c * c).sum(1)
     return sq
 
 
@@ -129,7 +129,7 @@ def distances(x: Tensor, codebook: Tensor, metric: str, *, direct: bool = False)
         out = torch.empty(xa.shape[0], ca.shape[0], dtype=acc, device=xa.device)
         step = max(1, CHUNK_ELEMS // max(1, ca.shape[0] * ca.shape[1]))
         for r0 in range(0, xa.shape[0], step):
-            out[r0:r0 + step] = ((xa[r0:r0 + step, None, :] - ca[None, :, :]) ** 2).sum(-1)
+            out[r0 : r0 + step] = ((xa[r0 : r0 + step, None, :] - ca[None, :, :]) ** 2).sum(-1)
         return out
     dot = xa @ ca.T
     if metric == "l2":
@@ -141,8 +141,9 @@ def distances(x: Tensor, codebook: Tensor, metric: str, *, direct: bool = False)
     return 1 - dot / (xn * cn)
 
 
-def paired_distances(x: Tensor, c: Tensor, metric: str, xnorm: Tensor | None = None,
-                     cnorm: Tensor | None = None) -> Tensor:
+def paired_distances(
+    x: Tensor, c: Tensor, metric: str, xnorm: Tensor | None = None, cnorm: Tensor | None = None
+) -> Tensor:
     """fp64 distance between paired rows ``x [P, D]`` and ``c [P, D]`` from the values as stored (``[P]``): l2 as
     ``sum_d (x_d - c_d)^2`` (no cancellation), cosine ``1 - x.c / (max(|x|, eps) max(|c|, eps))``, dot ``-x.c``.
     Exact mode's re-score; ``xnorm`` / ``cnorm``: fp64 norms when the caller has them."""

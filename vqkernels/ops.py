@@ -35,8 +35,21 @@ from .numerics import (
 )
 
 __all__ = [
-    "Quantized", "nearest_code", "quantize", "code_stats", "sample_code", "METRICS", "COS_EPS", "acc_dtype",
-    "distances", "paired_distances", "gumbel_noise", "draw_seed", "check_matrix", "check_pair", "check_finite",
+    "Quantized",
+    "nearest_code",
+    "quantize",
+    "code_stats",
+    "sample_code",
+    "METRICS",
+    "COS_EPS",
+    "acc_dtype",
+    "distances",
+    "paired_distances",
+    "gumbel_noise",
+    "draw_seed",
+    "check_matrix",
+    "check_pair",
+    "check_finite",
     "resolve_backend",
 ]
 
@@ -64,24 +77,30 @@ def _fake_nearest_code(x: Tensor, codebook: Tensor, metric: str, exact: bool) ->
     return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=acc_dtype(x.dtype))
 
 
-def _fake_quantize(x: Tensor, codebook: Tensor, metric: str,
-                   exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fake_quantize(x: Tensor, codebook: Tensor, metric: str, exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     codes, dist = _fake_nearest_code(x, codebook, metric, exact)
-    return codes, codebook.new_empty(x.shape[0], codebook.shape[1]), dist, x.new_empty(
-        codebook.shape[0], dtype=torch.int64)
+    return (
+        codes,
+        codebook.new_empty(x.shape[0], codebook.shape[1]),
+        dist,
+        x.new_empty(codebook.shape[0], dtype=torch.int64),
+    )
 
 
 def _fake_code_stats(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
-    return (x.new_empty(num_codes, x.shape[1], dtype=acc_dtype(x.dtype)),
-            x.new_empty(num_codes, dtype=torch.int64))
+    return (x.new_empty(num_codes, x.shape[1], dtype=acc_dtype(x.dtype)), x.new_empty(num_codes, dtype=torch.int64))
 
 
 def _fake_sample_code(x: Tensor, codebook: Tensor, metric: str, seed: int) -> Tensor:
     return x.new_empty(codebook.shape[0], dtype=torch.int64)
 
 
-_FAKES = {"nearest_code": _fake_nearest_code, "quantize": _fake_quantize, "code_stats": _fake_code_stats,
-          "sample_code": _fake_sample_code}
+_FAKES = {
+    "nearest_code": _fake_nearest_code,
+    "quantize": _fake_quantize,
+    "code_stats": _fake_code_stats,
+    "sample_code": _fake_sample_code,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,8 +169,9 @@ def check_pair(x: object, codebook: object, metric: str, same_dtype: bool = True
     if codebook.shape[0] == 0:
         raise ValueError("codebook must hold at least one code; got K = 0")
     if x.shape[1] != codebook.shape[1]:
-        raise ValueError(f"x and codebook must have the same D; got x {tuple(x.shape)} and codebook "
-                         f"{tuple(codebook.shape)}")
+        raise ValueError(
+            f"x and codebook must have the same D; got x {tuple(x.shape)} and codebook {tuple(codebook.shape)}"
+        )
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
 
@@ -180,8 +200,9 @@ def _check_search(x: object, codebook: object, metric: str, exact: object) -> No
 # ---------------------------------------------------------------------------------------------------------------
 # Public API.
 # ---------------------------------------------------------------------------------------------------------------
-def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2", exact: bool = False,
-                 backend: str = "auto") -> tuple[Tensor, Tensor]:
+def nearest_code(
+    x: Tensor, codebook: Tensor, *, metric: str = "l2", exact: bool = False, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
     """Index of, and distance to, the nearest code of every row; never materialises N x K.
 
     Args:
@@ -204,8 +225,9 @@ def nearest_code(x: Tensor, codebook: Tensor, *, metric: str = "l2", exact: bool
     return b.op("nearest_code")(x, codebook, metric, exact)
 
 
-def quantize(x: Tensor, codebook: Tensor, *, metric: str = "l2", exact: bool = False,
-             backend: str = "auto") -> Quantized:
+def quantize(
+    x: Tensor, codebook: Tensor, *, metric: str = "l2", exact: bool = False, backend: str = "auto"
+) -> Quantized:
     """Fused search + gather + usage histogram.
 
     Same arguments as :func:`nearest_code`. Returns :class:`Quantized` ``(codes [N], z_q [N, D], dist [N],
@@ -245,8 +267,9 @@ def code_stats(x: Tensor, codes: Tensor, num_codes: int, *, backend: str = "auto
     return _backend(backend, x.device).op("code_stats")(x, codes, num_codes)
 
 
-def sample_code(x: Tensor, codebook: Tensor, *, metric: str = "l2", seed: int | None = None,
-                backend: str = "auto") -> Tensor:
+def sample_code(
+    x: Tensor, codebook: Tensor, *, metric: str = "l2", seed: int | None = None, backend: str = "auto"
+) -> Tensor:
     """For every code, a row of ``x`` drawn with ``P(i) ~ exp(-d(x_i, c_k))``; never materialises N x K.
 
     Gumbel-max turns the draw into a search: ``i_k = argmin_i (d(x_i, c_k) - g_ik)`` with ``g_ik ~ Gumbel(0, 1)``

@@ -50,7 +50,7 @@ def search(x: Tensor, codebook: Tensor, metric: str = "l2", exact: bool = False)
     ca = codebook.to(acc)
     rows = max(1, CHUNK_ELEMS // k)
     for r0 in range(0, n, rows):
-        xc = x[r0:r0 + rows]
+        xc = x[r0 : r0 + rows]
         x64 = xc.to(torch.float64)
         xsq = (x64 * x64).sum(1)  # the row term of l2: a sum of squares, as the code terms
         del x64
@@ -66,29 +66,30 @@ def search(x: Tensor, codebook: Tensor, metric: str = "l2", exact: bool = False)
             d64 = torch.empty(rr.shape[0], dtype=torch.float64, device=x.device)
             step = max(1, CHUNK_ELEMS // max(d, 1))
             for p0 in range(0, rr.shape[0], step):
-                r_, k_ = rr[p0:p0 + step], kk[p0:p0 + step]
-                d64[p0:p0 + step] = paired_distances(xc[r_], codebook[k_], metric, xnorm[r_], cnorm[k_])
+                r_, k_ = rr[p0 : p0 + step], kk[p0 : p0 + step]
+                d64[p0 : p0 + step] = paired_distances(xc[r_], codebook[k_], metric, xnorm[r_], cnorm[k_])
             m = xc.shape[0]
             dmin = torch.full((m,), float("inf"), dtype=torch.float64, device=x.device)
             dmin.scatter_reduce_(0, rr, d64, reduce="amin")
             at_min = d64 == dmin[rr]
             kmin = torch.full((m,), k, dtype=torch.int64, device=x.device)
             kmin.scatter_reduce_(0, rr[at_min], kk[at_min], reduce="amin")
-            codes[r0:r0 + rows] = kmin
-            dist[r0:r0 + rows] = dmin.to(acc)
+            codes[r0 : r0 + rows] = kmin
+            dist[r0 : r0 + rows] = dmin.to(acc)
         else:
-            codes[r0:r0 + rows] = idx
+            codes[r0 : r0 + rows] = idx
             if metric == "l2":
-                dist[r0:r0 + rows] = (xsq.to(acc) + best).clamp_min(0)
+                dist[r0 : r0 + rows] = (xsq.to(acc) + best).clamp_min(0)
             elif metric == "cosine":
-                dist[r0:r0 + rows] = 1.0 + best / xnorm.clamp_min(COS_EPS).to(acc)
+                dist[r0 : r0 + rows] = 1.0 + best / xnorm.clamp_min(COS_EPS).to(acc)
             else:
-                dist[r0:r0 + rows] = best
+                dist[r0 : r0 + rows] = best
     return codes, dist
 
 
-def quantize(x: Tensor, codebook: Tensor, metric: str = "l2",
-             exact: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def quantize(
+    x: Tensor, codebook: Tensor, metric: str = "l2", exact: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`search` plus ``z_q = codebook[codes]`` (``[N, D]``) and usage ``counts`` (int64 ``[K]``).
 
     Returns ``(codes, z_q, dist, counts)``.
@@ -143,20 +144,20 @@ def sample(x: Tensor, codebook: Tensor, metric: str, seed: int) -> Tensor:
     kb = min(k, max(1, CHUNK_ELEMS // n))
     rb = min(n, max(1, CHUNK_ELEMS // kb))
     for k0 in range(0, k, kb):
-        c = ca[k0:k0 + kb]
+        c = ca[k0 : k0 + kb]
         best = torch.full((c.shape[0],), float("inf"), dtype=acc, device=dev)
         arg = torch.zeros(c.shape[0], dtype=torch.int64, device=dev)
         for r0 in range(0, n, rb):
-            key = torch.addcmul(o[r0:r0 + rb], c @ xa[r0:r0 + rb].T, w[r0:r0 + rb])  # [codes, rows]
-            key = torch.addcmul(rt[k0:k0 + kb, None], key, rs[k0:k0 + kb, None])
+            key = torch.addcmul(o[r0 : r0 + rb], c @ xa[r0 : r0 + rb].T, w[r0 : r0 + rb])  # [codes, rows]
+            key = torch.addcmul(rt[k0 : k0 + kb, None], key, rs[k0 : k0 + kb, None])
             if metric == "l2":
                 key.clamp_min_(0)
-            key -= gumbel_from_keys(code_keys[k0:k0 + kb], row_keys[r0:r0 + rb], acc)
+            key -= gumbel_from_keys(code_keys[k0 : k0 + kb], row_keys[r0 : r0 + rb], acc)
             val, idx = key.min(1)  # first minimum within the block
             better = val < best  # strict: earlier blocks (lower rows) win ties
             best = torch.where(better, val, best)
             arg = torch.where(better, idx + r0, arg)
-        out[k0:k0 + kb] = arg
+        out[k0 : k0 + kb] = arg
     return out
 
 
@@ -182,4 +183,3 @@ def code_stats_ref(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Te
 @torch.library.custom_op("vqkernels::sample_code_ref", mutates_args=())
 def sample_code_ref(x: Tensor, codebook: Tensor, metric: str, seed: int) -> Tensor:
     return sample(x, codebook, metric, seed)
-

@@ -28,10 +28,18 @@ _GPU_TABLE: tuple[tuple[str, str, dict[str, float], float], ...] = (
     ("H100 PCIe", "NVIDIA H100 PCIe", {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51.2, "fp64": 25.6}, 2000),
     ("H100 NVL", "NVIDIA H100 NVL", {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60.0, "fp64": 30.0}, 3900),
     ("H100", "NVIDIA H100 SXM", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 66.9, "fp64": 33.5}, 3350),
-    ("A100-SXM4-80GB", "NVIDIA A100 SXM 80GB",
-     {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5, "fp64": 9.7}, 2039),
-    ("A100 80GB PCIe", "NVIDIA A100 PCIe 80GB",
-     {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5, "fp64": 9.7}, 1935),
+    (
+        "A100-SXM4-80GB",
+        "NVIDIA A100 SXM 80GB",
+        {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5, "fp64": 9.7},
+        2039,
+    ),
+    (
+        "A100 80GB PCIe",
+        "NVIDIA A100 PCIe 80GB",
+        {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5, "fp64": 9.7},
+        1935,
+    ),
     ("A100", "NVIDIA A100 40GB", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5, "fp64": 9.7}, 1555),
     ("L40S", "NVIDIA L40S", {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6, "fp64": 1.4}, 864),
     ("L4", "NVIDIA L4", {"bf16": 121, "fp16": 121, "tf32": 60, "fp32": 30.3, "fp64": 0.49}, 300),
@@ -50,9 +58,12 @@ class Peaks:
     dists_per_s: float | None = None
 
     def as_json(self) -> dict:
-        return {"source": self.source, "tflops": {k: v / 1e12 for k, v in self.flops.items()},
-                "bandwidth_gb_s": self.bandwidth / 1e9,
-                "dists_per_s": self.dists_per_s}
+        return {
+            "source": self.source,
+            "tflops": {k: v / 1e12 for k, v in self.flops.items()},
+            "bandwidth_gb_s": self.bandwidth / 1e9,
+            "dists_per_s": self.dists_per_s,
+        }
 
 
 def gpu_spec(name: str) -> Peaks | None:

@@ -3,9 +3,9 @@ benchmark's correctness column alike (README "Method" §1.2).
 
 - Fast path (``exact=False``): with ``d*`` the fp64 minimum distance of a row and ``d_sel`` the fp64 distance of
   the chosen code, ``max(d_sel - d*)`` over the checked rows may not exceed twice the worst regret of the
-  same-precision (same dtype) PyTorch search plus a floor of ``1e-3`` of the largest rounding scale; the returned distance must
-  lie within the row's rounding scale ``EXACT_SAFETY (D + 4) u s(x)`` of the fp64 distance of the chosen code. Index
-  mismatches are thus allowed on near-ties only.
+  same-precision (same dtype) PyTorch search plus a floor of ``1e-3`` of the largest rounding scale; the returned
+  distance must lie within the row's rounding scale ``EXACT_SAFETY (D + 4) u s(x)`` of the fp64 distance of the
+  chosen code. Index mismatches are thus allowed on near-ties only.
 - Exact mode: the codes must equal the fp64 argmin (``sum (x - c)^2`` for l2, ties to the lowest index) and the
   distances the fp64 minimum up to one rounding to the output dtype.
 
@@ -78,8 +78,9 @@ def sample_rows(n: int, max_rows: int = CHECK_ROWS) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(1))[:max_rows]
 
 
-def judge_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor | None, exact: bool,
-                 max_rows: int = CHECK_ROWS) -> Verdict:
+def judge_search(
+    x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor | None, exact: bool, max_rows: int = CHECK_ROWS
+) -> Verdict:
     """The precision rule (or exactness) and the distance accuracy of a search result on up to ``max_rows``
     rows against all K codes (module docstring). Any device; the check runs on the CPU (only the sampled rows
     leave the device).
@@ -106,12 +107,12 @@ def judge_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor
     chosen, best, best_i, yard = [], [], [], []
     step = max(1, CHUNK_ELEMS // cb.shape[0])
     for r0 in range(0, xs.shape[0], step):
-        xc = xs[r0:r0 + step]
+        xc = xs[r0 : r0 + step]
         d64 = brute_distances(xc, cb64, metric, direct=exact)
         v, i = d64.min(1)
         best.append(v)
         best_i.append(i)
-        chosen.append(d64.gather(1, cs[r0:r0 + step, None]).squeeze(1))
+        chosen.append(d64.gather(1, cs[r0 : r0 + step, None]).squeeze(1))
         if not exact:
             yard.append(d64.gather(1, same_precision_codes(xc, cb, metric)[:, None]).squeeze(1))
     d_star, i_star, d_sel = torch.cat(best), torch.cat(best_i), torch.cat(chosen)
@@ -147,8 +148,9 @@ def judge_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor
     return Verdict(not reasons, reasons, details)
 
 
-def assert_search(x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor | None, exact: bool,
-                  max_rows: int = CHECK_ROWS) -> None:
+def assert_search(
+    x: Tensor, cb: Tensor, metric: str, codes: Tensor, dist: Tensor | None, exact: bool, max_rows: int = CHECK_ROWS
+) -> None:
     """:func:`judge_search` as an assertion (for tests)."""
     v = judge_search(x, cb, metric, codes, dist, exact, max_rows)
     assert v.ok, str(v)

@@ -29,8 +29,9 @@ from vqkernels import _ext  # noqa: E402
 from vqkernels.dispatch import BACKENDS, select  # noqa: E402
 
 if not _ext.with_cuda():
-    pytest.skip(f"vqkernels._C was built without its CUDA ops ({_ext.load_error or 'CPU-only build'})",
-                allow_module_level=True)
+    pytest.skip(
+        f"vqkernels._C was built without its CUDA ops ({_ext.load_error or 'CPU-only build'})", allow_module_level=True
+    )
 
 # The package copy that `make cuda-ext-check` built (absolute path), when run by it.
 BUILT_LIB = os.environ.get("VQK_CUDA_EXT_LIB")
@@ -209,8 +210,14 @@ def test_cuda_backend_lacks_only_a_device(monkeypatch):
 
 
 def test_info_reports_cuda_built_without_device():
-    out = subprocess.run([sys.executable, "-m", "vqkernels.info"], capture_output=True, text=True, check=True,
-                         env=os.environ.copy(), timeout=300).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "vqkernels.info"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ.copy(),
+        timeout=300,
+    ).stdout
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.strip()}
     assert lines["extension_cuda"].split()[1] == "True", out
     assert lines["torch_cuda"].split()[1] == torch.version.cuda, out
@@ -219,11 +226,11 @@ def test_info_reports_cuda_built_without_device():
     rows = out.splitlines()
     start = next(i for i, ln in enumerate(rows) if ln.startswith("  cuda "))
     block = []
-    for ln in rows[start + 1:]:
+    for ln in rows[start + 1 :]:
         if not ln.startswith("   "):  # the next backend (two spaces) or the end
             break
         block.append(ln.strip())
-    state = next(ln[len("cuda"):].strip() for ln in block if ln.startswith("cuda "))
+    state = next(ln[len("cuda") :].strip() for ln in block if ln.startswith("cuda "))
     if HAS_DEVICE:
         assert state == "available", out
     else:

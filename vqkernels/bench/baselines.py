@@ -79,8 +79,9 @@ def gemm_argmin_codes(x: Tensor, codebook: Tensor, metric: str) -> Tensor:
 def cdist_chunked_codes(x: Tensor, codebook: Tensor) -> Tensor:
     """vqtorch's search: ``torch.cdist(x_chunk, C)`` (the Euclidean distance) over ``CDIST_CHUNK``-row chunks and
     ``topk(1, largest=False)`` (l2 only)."""
-    return torch.cat([torch.cdist(xc, codebook).topk(1, dim=1, largest=False).indices.squeeze(1)
-                      for xc in x.split(CDIST_CHUNK)])
+    return torch.cat(
+        [torch.cdist(xc, codebook).topk(1, dim=1, largest=False).indices.squeeze(1) for xc in x.split(CDIST_CHUNK)]
+    )
 
 
 def vqp_missing() -> str | None:
@@ -100,8 +101,11 @@ def vqp_layer_codes(x: Tensor, codebook: Tensor, metric: str) -> Callable[[], Te
     """
     from vector_quantize_pytorch import VectorQuantize  # optional: the bench extra
 
-    vqp = VectorQuantize(dim=codebook.shape[1], codebook_size=codebook.shape[0],
-                         use_cosine_sim=metric == "cosine").to(device=x.device, dtype=x.dtype).eval()
+    vqp = (
+        VectorQuantize(dim=codebook.shape[1], codebook_size=codebook.shape[0], use_cosine_sim=metric == "cosine")
+        .to(device=x.device, dtype=x.dtype)
+        .eval()
+    )
     with torch.no_grad():
         emb = vqp._codebook.embed  # [heads=1, K, D]
         cb = torch.nn.functional.normalize(codebook, dim=1) if metric == "cosine" else codebook
@@ -123,8 +127,7 @@ def skip_reason(name: str, n: int, k: int, element_size: int) -> str | None:
     return None
 
 
-def make_callables(x: Tensor, codebook: Tensor, metric: str,
-                   backends: Sequence[str]) -> dict[str, Callable[[], Any]]:
+def make_callables(x: Tensor, codebook: Tensor, metric: str, backends: Sequence[str]) -> dict[str, Callable[[], Any]]:
     """Name -> zero-argument callable: the baselines that run ``metric`` first (their times are the denominators of
     the speed-ups), then ``quantize(x, codebook, metric=metric, backend=b)`` for every backend ``b`` (search +
     gather + usage counts)."""

@@ -11,7 +11,10 @@ from torch import Tensor
 from ..numerics import METRICS
 
 DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp64": torch.float64,
 }
 """The ``--dtype`` names."""
 
@@ -24,8 +27,10 @@ PRESETS: dict[str, tuple[Shape, ...]] = {
     "cpu-default": DEFAULT_SHAPES,  # a few minutes on 2 cores
     "quick": QUICK_SHAPES,  # seconds; what the tests run
     "gpu": (
-        (65536, 1024, 256), (65536, 16384, 256),  # VQGAN-style tokenizers
-        (262144, 16384, 8), (262144, 16384, 32),  # low-dimensional factorised codes (epilogue-bound)
+        (65536, 1024, 256),
+        (65536, 16384, 256),  # VQGAN-style tokenizers
+        (262144, 16384, 8),
+        (262144, 16384, 32),  # low-dimensional factorised codes (epilogue-bound)
         (1048576, 16384, 64),  # a large batch of image tokens
         (262144, 100000, 256),  # large codebooks, K not a power of two
         (65536, 1048576, 64),  # a million codes: split-K
@@ -52,14 +57,14 @@ def default_preset(device: str) -> str:
     return "gpu" if device == "cuda" else "cpu-default"
 
 
-def case_list(shapes: Sequence[Shape], dtypes: Sequence[str], metrics: Sequence[str] | None,
-              preset: str | None = None) -> list[Case]:
+def case_list(
+    shapes: Sequence[Shape], dtypes: Sequence[str], metrics: Sequence[str] | None, preset: str | None = None
+) -> list[Case]:
     """Every (shape, dtype, metric), shapes outermost. ``metrics=None`` means every metric, except that the
     shapes of ``PRESET_L2_ONLY[preset]`` then run l2 only (pass ``preset=None`` when the shapes were asked for
     explicitly: asked-for shapes run every metric)."""
     l2_only = PRESET_L2_ONLY.get(preset, frozenset()) if metrics is None and preset is not None else frozenset()
-    return [(s, dt, m) for s in shapes for dt in dtypes for m in (metrics or METRICS)
-            if m == "l2" or s not in l2_only]
+    return [(s, dt, m) for s in shapes for dt in dtypes for m in (metrics or METRICS) if m == "l2" or s not in l2_only]
 
 
 def make_inputs(n: int, k: int, d: int, dtype: torch.dtype, device: str, seed: int = 0) -> tuple[Tensor, Tensor]:

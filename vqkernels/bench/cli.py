@@ -67,6 +67,7 @@ def parse_shape(text: str) -> Shape:
 
 def parse_names(choices: Sequence[str]) -> Callable[[str], list[str]]:
     """argparse type: a non-empty comma list of ``choices``, in the order given."""
+
     def parse(text: str) -> list[str]:
         names = [v.strip() for v in text.split(",") if v.strip()]
         bad = [v for v in names if v not in choices]
@@ -85,34 +86,72 @@ def default_backends(device: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and resolve the options (default backends, shapes, cases and min-time filled in)."""
-    p = argparse.ArgumentParser(prog="python -m vqkernels.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", type=parse_shape, action="append", metavar="N,K,D",
-                   help="a shape to run (repeatable; replaces the defaults "
-                        + " ".join(",".join(map(str, s)) for s in DEFAULT_SHAPES) + ")")
-    p.add_argument("--dtype", type=parse_names(tuple(DTYPES)), default=["fp32", "bf16"],
-                   help=f"comma list of {','.join(DTYPES)} (default fp32,bf16)")
-    p.add_argument("--metric", type=parse_names(METRICS), default=None,
-                   help=f"comma list of {','.join(METRICS)} (default: all; the large shapes of the cpu-default "
-                        "preset run l2 only)")
-    p.add_argument("--backend", type=parse_names(tuple(dispatch.BACKENDS)), default=None,
-                   help="comma list (default: every backend available on the device)")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH",
-                   help="also write machine info and rows here")
-    p.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
-                   help=f"timed seconds per measurement (default {DEFAULT_MIN_TIME}, "
-                        f"{QUICK_MIN_TIME} with --quick)")
-    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help="named shape set (default: cpu-default on the CPU, gpu on CUDA); --shape overrides it")
-    p.add_argument("--plot", type=Path, default=None, metavar="PATH",
-                   help="write a PNG of each backend's speed-up over the naive reference vs K, one line per D")
-    p.add_argument("--quick", action="store_true", help="small shapes only (for tests): "
-                   + " ".join(",".join(map(str, s)) for s in QUICK_SHAPES))
+    p = argparse.ArgumentParser(
+        prog="python -m vqkernels.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--shape",
+        type=parse_shape,
+        action="append",
+        metavar="N,K,D",
+        help="a shape to run (repeatable; replaces the defaults "
+        + " ".join(",".join(map(str, s)) for s in DEFAULT_SHAPES)
+        + ")",
+    )
+    p.add_argument(
+        "--dtype",
+        type=parse_names(tuple(DTYPES)),
+        default=["fp32", "bf16"],
+        help=f"comma list of {','.join(DTYPES)} (default fp32,bf16)",
+    )
+    p.add_argument(
+        "--metric",
+        type=parse_names(METRICS),
+        default=None,
+        help=f"comma list of {','.join(METRICS)} (default: all; the large shapes of the cpu-default "
+        "preset run l2 only)",
+    )
+    p.add_argument(
+        "--backend",
+        type=parse_names(tuple(dispatch.BACKENDS)),
+        default=None,
+        help="comma list (default: every backend available on the device)",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write machine info and rows here")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"timed seconds per measurement (default {DEFAULT_MIN_TIME}, {QUICK_MIN_TIME} with --quick)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="named shape set (default: cpu-default on the CPU, gpu on CUDA); --shape overrides it",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write a PNG of each backend's speed-up over the naive reference vs K, one line per D",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small shapes only (for tests): " + " ".join(",".join(map(str, s)) for s in QUICK_SHAPES),
+    )
     p.add_argument("--no-check", action="store_true", help="skip the fp64 correctness check")
-    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="start no new case after this many seconds (the JSON says which cases ran)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no new case after this many seconds (the JSON says which cases ran)",
+    )
     args = p.parse_args(None if argv is None else [str(a) for a in argv])
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -139,22 +178,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     peaks = roofline.peaks(args.device, tuple(args.dtype))
     machine["roofline"] = peaks.as_json()
     cases = args.cases
-    config = {"shapes": [list(s) for s in args.shapes], "dtypes": args.dtype, "metrics": args.metric,
-              "cases": [[list(s), dt, m] for s, dt, m in cases],
-              "backends": args.backend, "min_time": args.min_time, "check": not args.no_check,
-              "check_rows": CHECK_ROWS, "complete": False}
+    config = {
+        "shapes": [list(s) for s in args.shapes],
+        "dtypes": args.dtype,
+        "metrics": args.metric,
+        "cases": [[list(s), dt, m] for s, dt, m in cases],
+        "backends": args.backend,
+        "min_time": args.min_time,
+        "check": not args.no_check,
+        "check_rows": CHECK_ROWS,
+        "complete": False,
+    }
     rows: list[Row] = []
     bar = progress(cases, desc="bench")
     deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
     for i, (shape, dtype_name, metric) in enumerate(bar):
         if deadline is not None and time.monotonic() > deadline:
-            print(f"time limit of {args.time_limit:.0f} s reached: {len(cases) - i} of {len(cases)} cases not run",
-                  file=sys.stderr)
+            print(
+                f"time limit of {args.time_limit:.0f} s reached: {len(cases) - i} of {len(cases)} cases not run",
+                file=sys.stderr,
+            )
             break
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{','.join(map(str, shape))} {dtype_name} {metric}")
-        rows += run_case(shape, dtype_name, metric, args.device, args.backend, args.min_time,
-                         not args.no_check, peaks)
+        rows += run_case(shape, dtype_name, metric, args.device, args.backend, args.min_time, not args.no_check, peaks)
         if args.json is not None:  # after every case: a run stopped from outside keeps what it measured
             config["cases_done"] = i + 1
             write_json(args.json, machine, config, rows)
@@ -163,8 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(rows, header_line(machine, args.min_time))
     for case in fastest_backends(rows):
         times = ", ".join(f"{b} {fmt_ms(t)} ms" for b, t in case["median_ms"].items())
-        print(f"fastest backend at {','.join(map(str, case['shape']))} {case['dtype']} {case['metric']}: "
-              f"{case['fastest']} ({times})")
+        print(
+            f"fastest backend at {','.join(map(str, case['shape']))} {case['dtype']} {case['metric']}: "
+            f"{case['fastest']} ({times})"
+        )
     if args.json is not None:
         write_json(args.json, machine, config, rows)
     if args.plot is not None:

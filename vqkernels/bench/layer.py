@@ -120,8 +120,12 @@ def vqtorch_step(x: Tensor, cb0: Tensor, g: Tensor) -> Step:
     def step():
         x.grad = cb.grad = None
         with torch.no_grad():
-            codes = torch.cat([torch.cdist(xc, cb).topk(1, dim=1, largest=False).indices.squeeze(1)
-                               for xc in x.detach().split(VQTORCH_CHUNK)])
+            codes = torch.cat(
+                [
+                    torch.cdist(xc, cb).topk(1, dim=1, largest=False).indices.squeeze(1)
+                    for xc in x.detach().split(VQTORCH_CHUNK)
+                ]
+            )
         z_q = F.embedding(codes, cb)
         loss = (1 - BETA) * ((x - z_q.detach()) ** 2).mean() + BETA * ((x.detach() - z_q) ** 2).mean()
         out = x + (z_q - x).detach()
@@ -136,8 +140,9 @@ def vqp_step(x: Tensor, cb0: Tensor, g: Tensor) -> Step:
     loss is another formula: None)."""
     from vector_quantize_pytorch import VectorQuantize  # optional: the bench extra
 
-    vqp = VectorQuantize(dim=cb0.shape[1], codebook_size=cb0.shape[0], learnable_codebook=True,
-                         ema_update=False).to(x.device)
+    vqp = VectorQuantize(dim=cb0.shape[1], codebook_size=cb0.shape[0], learnable_codebook=True, ema_update=False).to(
+        x.device
+    )
     params = list(vqp.parameters())
     with torch.no_grad():
         emb = vqp._codebook.embed  # [heads=1, K, D]
@@ -248,15 +253,19 @@ def print_table(rows: list[LayerRow], header: str) -> None:
     from rich.table import Table
 
     table = Table(title=header, title_justify="left")
-    for col in ("shape N,K,D", "layer (fwd+bwd)", "median ms", "p20-p80 ms", "x vqkernels time", "peak MiB",
-                "check"):
+    for col in ("shape N,K,D", "layer (fwd+bwd)", "median ms", "p20-p80 ms", "x vqkernels time", "peak MiB", "check"):
         table.add_column(col, justify="left" if col in ("shape N,K,D", "layer (fwd+bwd)", "check") else "right")
     for r in rows:
-        table.add_row(f"{r.N},{r.K},{r.D}", r.name, fmt_number(r.median_ms, ".1f"),
-                      "-" if r.p20_ms is None else f"{r.p20_ms:.1f}-{r.p80_ms:.1f} ({r.samples})",
-                      fmt_number(r.x_vqkernels_time, ".2f", "x"), fmt_number(r.peak_extra_mib, ".0f"), r.verdict,
-                      style="red" if r.verdict.startswith(("FAIL", "ERROR")) else
-                      ("bold" if r.name == "vqkernels" else None))
+        table.add_row(
+            f"{r.N},{r.K},{r.D}",
+            r.name,
+            fmt_number(r.median_ms, ".1f"),
+            "-" if r.p20_ms is None else f"{r.p20_ms:.1f}-{r.p80_ms:.1f} ({r.samples})",
+            fmt_number(r.x_vqkernels_time, ".2f", "x"),
+            fmt_number(r.peak_extra_mib, ".0f"),
+            r.verdict,
+            style="red" if r.verdict.startswith(("FAIL", "ERROR")) else ("bold" if r.name == "vqkernels" else None),
+        )
     console = Console(width=max(120, Console().width))
     console.print(table)
     for text, met in target_lines(rows):
@@ -265,10 +274,18 @@ def print_table(rows: list[LayerRow], header: str) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and resolve the options (backend, shapes and min-time filled in)."""
-    p = argparse.ArgumentParser(prog="python -m vqkernels.bench_layer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", type=parse_shape, action="append", metavar="N,K,D",
-                   help="a shape (repeatable; default " + " ".join(",".join(map(str, s)) for s in DEFAULT_SHAPES) + ")")
+    p = argparse.ArgumentParser(
+        prog="python -m vqkernels.bench_layer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--shape",
+        type=parse_shape,
+        action="append",
+        metavar="N,K,D",
+        help="a shape (repeatable; default " + " ".join(",".join(map(str, s)) for s in DEFAULT_SHAPES) + ")",
+    )
     p.add_argument("--backend", default=None, help="backend of the vqkernels rows (default: auto for the device)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None, metavar="PATH")
@@ -294,15 +311,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[LayerRow] = []
     for shape in progress(args.shapes, desc="layer bench"):
         rows += run_case(shape, args.device, args.backend, args.min_time)
-    header = (f"VQ layer forward+backward, fp32, beta={BETA}, backend={args.backend} | {machine['device_name']} "
-              f"({machine['threads']} threads) | torch {torch.__version__} | "
-              f"load {machine.get('loadavg_1m')}")
+    header = (
+        f"VQ layer forward+backward, fp32, beta={BETA}, backend={args.backend} | {machine['device_name']} "
+        f"({machine['threads']} threads) | torch {torch.__version__} | "
+        f"load {machine.get('loadavg_1m')}"
+    )
     print_table(rows, header)
     if args.json is not None:
-        config = {"shapes": [list(s) for s in args.shapes], "backend": args.backend, "min_time": args.min_time,
-                  "beta": BETA}
+        config = {
+            "shapes": [list(s) for s in args.shapes],
+            "backend": args.backend,
+            "min_time": args.min_time,
+            "beta": BETA,
+        }
         targets = [{"text": t, "met": m} for t, m in target_lines(rows)]
-        write_json_atomic(args.json, {"machine": machine, "config": config, "rows": [asdict(r) for r in rows],
-                                      "targets": targets})
+        write_json_atomic(
+            args.json, {"machine": machine, "config": config, "rows": [asdict(r) for r in rows], "targets": targets}
+        )
     ours = [r for r in rows if r.name in ("vqkernels", "quantize op + loss")]
     return 1 if any(r.verdict.startswith("FAIL") for r in ours) else 0

@@ -30,8 +30,13 @@ def device_name(device: str) -> str:
 def git_commit() -> str | None:
     """Short commit of the checkout this package lives in (None outside git)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() or None) if out.returncode == 0 else None
@@ -40,7 +45,11 @@ def git_commit() -> str | None:
 def machine_info(device: str) -> dict[str, Any]:
     """:func:`vqkernels.info.collect` plus device, commit, date and load (a busy host skews timings)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {**info.collect(), "device": device, "device_name": device_name(device),
-            "git_commit": git_commit(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "loadavg_1m": None if load is None else round(load[0], 2)}
+    return {
+        **info.collect(),
+        "device": device,
+        "device_name": device_name(device),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "loadavg_1m": None if load is None else round(load[0], 2),
+    }

@@ -80,16 +80,34 @@ def fastest_backends(rows: list[Row]) -> list[dict[str, Any]]:
     for r in rows:
         if r.kind == "backend" and r.median_ms is not None and not r.failed:
             cases.setdefault((r.N, r.K, r.D, r.dtype, r.metric), {})[r.name] = r.median_ms
-    return [{"shape": [n, k, d], "dtype": dt, "metric": m, "fastest": min(t, key=t.get), "median_ms": t}
-            for (n, k, d, dt, m), t in cases.items() if len(t) > 1]
+    return [
+        {"shape": [n, k, d], "dtype": dt, "metric": m, "fastest": min(t, key=t.get), "median_ms": t}
+        for (n, k, d, dt, m), t in cases.items()
+        if len(t) > 1
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Terminal output.
 # ---------------------------------------------------------------------------------------------------------------
 # The terminal table leaves out what the JSON also has as an inverse (speedup_vs_gemm = 1 / x_gemm_time).
-COLUMNS = ("shape N,K,D", "dtype", "metric", "name", "median ms", "p20-p80 ms (n)", "GFLOP/s", "Gdist/s",
-           "% roofline", "vs naive", "vs best unfused", "x GEMM time", "x gemm_out", "peak MiB", "check")
+COLUMNS = (
+    "shape N,K,D",
+    "dtype",
+    "metric",
+    "name",
+    "median ms",
+    "p20-p80 ms (n)",
+    "GFLOP/s",
+    "Gdist/s",
+    "% roofline",
+    "vs naive",
+    "vs best unfused",
+    "x GEMM time",
+    "x gemm_out",
+    "peak MiB",
+    "check",
+)
 LEFT_COLUMNS = (0, 1, 2, 3, len(COLUMNS) - 1)  # text; the numbers are right-aligned
 
 
@@ -108,20 +126,34 @@ def format_row(r: Row) -> list[str]:
     median = "-" if r.median_ms is None else fmt_ms(r.median_ms)
     spread = "-" if r.p20_ms is None else f"{fmt_ms(r.p20_ms)}-{fmt_ms(r.p80_ms)} ({r.samples or '?'})"
     gdist = None if r.dists_per_s is None else r.dists_per_s / 1e9
-    return [f"{r.N},{r.K},{r.D}", r.dtype, r.metric, r.name, median, spread, fmt_number(r.gflops, ".1f"),
-            fmt_number(gdist, ".2f"), fmt_number(r.pct_of_bound, ".1f", "%"),
-            fmt_number(r.speedup_vs_naive, ".2f", "x"), fmt_number(r.speedup_vs_best_search, ".2f", "x"),
-            fmt_number(r.x_gemm_time, ".2f", "x"), fmt_number(r.x_gemm_out_time, ".2f", "x"),
-            fmt_number(r.peak_extra_mib, ".1f"), r.verdict]
+    return [
+        f"{r.N},{r.K},{r.D}",
+        r.dtype,
+        r.metric,
+        r.name,
+        median,
+        spread,
+        fmt_number(r.gflops, ".1f"),
+        fmt_number(gdist, ".2f"),
+        fmt_number(r.pct_of_bound, ".1f", "%"),
+        fmt_number(r.speedup_vs_naive, ".2f", "x"),
+        fmt_number(r.speedup_vs_best_search, ".2f", "x"),
+        fmt_number(r.x_gemm_time, ".2f", "x"),
+        fmt_number(r.x_gemm_out_time, ".2f", "x"),
+        fmt_number(r.peak_extra_mib, ".1f"),
+        r.verdict,
+    ]
 
 
 def header_line(machine: dict[str, Any], min_time: float) -> str:
     """One line saying what ran where: version, commit, date, device, threads, torch/triton, load, options, and
     where the roofline's peaks come from."""
     m = machine
-    line = (f"vqkernels {m['vqkernels']} @ {m['git_commit'] or 'unknown commit'} | {m['date']} | "
-            f"{m['device']}: {m['device_name']} | threads {m['threads']} | torch {m['torch']} | "
-            f"triton {m['triton']} | load {m['loadavg_1m']} | min-time {min_time:g}s")
+    line = (
+        f"vqkernels {m['vqkernels']} @ {m['git_commit'] or 'unknown commit'} | {m['date']} | "
+        f"{m['device']}: {m['device_name']} | threads {m['threads']} | torch {m['torch']} | "
+        f"triton {m['triton']} | load {m['loadavg_1m']} | min-time {min_time:g}s"
+    )
     peaks = m.get("roofline")
     if peaks:
         tflops = ", ".join(f"{k} {v:.3g}" for k, v in sorted(peaks["tflops"].items()))
@@ -139,8 +171,11 @@ def print_table(rows: list[Row], header: str) -> None:
     except ImportError:
         widths = [max(len(c) for c in col) for col in zip(COLUMNS, *cells)]
         for line in (COLUMNS, *cells):
-            print("  ".join(c.ljust(w) if i in LEFT_COLUMNS else c.rjust(w)
-                            for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+            print(
+                "  ".join(
+                    c.ljust(w) if i in LEFT_COLUMNS else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))
+                ).rstrip()
+            )
         return
     table = Table()
     for i, col in enumerate(COLUMNS):
@@ -203,13 +238,15 @@ def write_json(path: Path, machine: dict[str, Any], config: dict[str, Any], rows
     """``{"machine", "config", "rows", "fastest_backend"}``, every number as measured (times in ms); each row
     stamped with device name, versions, commit and date."""
     # every row carries its stamp, so that rows merged from several runs keep where and when they were measured
-    stamp = {k: machine.get(k) for k in ("device_name", "vqkernels", "torch", "torch_cuda", "triton", "git_commit",
-                                        "date")}
+    stamp = {
+        k: machine.get(k) for k in ("device_name", "vqkernels", "torch", "torch_cuda", "triton", "git_commit", "date")
+    }
     rows_json = []
     for r in rows:
         d = asdict(r)
         d["shape"] = [r.N, r.K, r.D]
         d["stamp"] = stamp
         rows_json.append(d)
-    write_json_atomic(path, {"machine": machine, "config": config, "rows": rows_json,
-                             "fastest_backend": fastest_backends(rows)})
+    write_json_atomic(
+        path, {"machine": machine, "config": config, "rows": rows_json, "fastest_backend": fastest_backends(rows)}
+    )

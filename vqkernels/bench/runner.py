@@ -16,8 +16,15 @@ from .report import Row, add_ratios
 from .timing import measure_time
 
 
-def run_one(row: Row, fn: Callable[[], Any], x: Tensor, codebook: Tensor, min_time: float,
-            check: bool, bound_s: float | None = None) -> None:
+def run_one(
+    row: Row,
+    fn: Callable[[], Any],
+    x: Tensor,
+    codebook: Tensor,
+    min_time: float,
+    check: bool,
+    bound_s: float | None = None,
+) -> None:
     """Fill ``row`` with the timing, peak memory and (backends, unless ``check`` is off) verdict of ``fn``.
 
     Timing comes first: its warm-up keeps one-time costs (thread pools, JIT kernels) out of the peak memory of
@@ -38,8 +45,16 @@ def run_one(row: Row, fn: Callable[[], Any], x: Tensor, codebook: Tensor, min_ti
             row.verdict, row.check = "skipped", {}
 
 
-def run_case(shape: Shape, dtype_name: str, metric: str, device: str, backends: Sequence[str],
-             min_time: float, check: bool, peaks: roofline.Peaks | None = None) -> list[Row]:
+def run_case(
+    shape: Shape,
+    dtype_name: str,
+    metric: str,
+    device: str,
+    backends: Sequence[str],
+    min_time: float,
+    check: bool,
+    peaks: roofline.Peaks | None = None,
+) -> list[Row]:
     """Every baseline and backend on one shape, dtype and metric; an exception fails that row only (a backend's:
     FAIL; a baseline's: ERROR, which does not fail the run)."""
     n, k, d = shape
@@ -59,4 +74,3 @@ def run_case(shape: Shape, dtype_name: str, metric: str, device: str, backends: 
             row.verdict = f"{'FAIL' if row.kind == 'backend' else 'ERROR'}({type(e).__name__}: {e})"
     add_ratios(rows)
     return rows
-

@@ -29,5 +29,18 @@ from .cli import main, parse_args
 from .data import DATASETS, Dataset, load_dataset
 from .train import METHODS, Config, RunResult, VQAutoEncoder, evaluate, make_quantiser, run, train_one
 
-__all__ = ["DATASETS", "METHODS", "Config", "Dataset", "RunResult", "VQAutoEncoder", "evaluate", "load_dataset",
-           "main", "make_quantiser", "parse_args", "run", "train_one"]
+__all__ = [
+    "DATASETS",
+    "METHODS",
+    "Config",
+    "Dataset",
+    "RunResult",
+    "VQAutoEncoder",
+    "evaluate",
+    "load_dataset",
+    "main",
+    "make_quantiser",
+    "parse_args",
+    "run",
+    "train_one",
+]

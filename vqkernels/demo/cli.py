@@ -38,18 +38,32 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and check the options (``steps`` filled in); bad options exit through ``argparse``'s error."""
-    p = argparse.ArgumentParser(prog="python -m vqkernels.demo", description=DOC,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=_int_at_least(1), default=None,
-                   help=f"training steps per run (default {DEFAULT_STEPS}, {QUICK_STEPS} with --quick)")
-    p.add_argument("--datasets", type=_names(DATASETS), default=list(DATASETS),
-                   help=f"comma list of {','.join(DATASETS)} (default all)")
-    p.add_argument("--methods", type=_names(METHODS), default=list(METHODS),
-                   help=f"comma list of {','.join(METHODS)} (default all)")
+    p = argparse.ArgumentParser(
+        prog="python -m vqkernels.demo", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--steps",
+        type=_int_at_least(1),
+        default=None,
+        help=f"training steps per run (default {DEFAULT_STEPS}, {QUICK_STEPS} with --quick)",
+    )
+    p.add_argument(
+        "--datasets",
+        type=_names(DATASETS),
+        default=list(DATASETS),
+        help=f"comma list of {','.join(DATASETS)} (default all)",
+    )
+    p.add_argument(
+        "--methods",
+        type=_names(METHODS),
+        default=list(METHODS),
+        help=f"comma list of {','.join(METHODS)} (default all)",
+    )
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="initial weights and batch order (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
-                   help="backend of the vqkernels ops (default auto)")
+    p.add_argument(
+        "--backend", choices=("auto", *BACKENDS), default="auto", help="backend of the vqkernels ops (default auto)"
+    )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write machine, config and runs here")
     p.add_argument("--plot", type=Path, default=None, metavar="PATH", help="write the figure (PNG) here")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run (seconds; for tests)")

@@ -32,9 +32,15 @@ def load_digits_data(split_seed: int = 0) -> Dataset:
     x = torch.tensor(load_digits().data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(split_seed))
     n_test = x.shape[0] // 5
-    return Dataset("digits", x[perm[n_test:]], x[perm[:n_test]], 1, torch.arange(12), (1, 12, 1),
-                   f"sklearn digits 8x8 / 16: {x.shape[0] - n_test} train / {n_test} test (random split, "
-                   f"seed {split_seed})")
+    return Dataset(
+        "digits",
+        x[perm[n_test:]],
+        x[perm[:n_test]],
+        1,
+        torch.arange(12),
+        (1, 12, 1),
+        f"sklearn digits 8x8 / 16: {x.shape[0] - n_test} train / {n_test} test (random split, seed {split_seed})",
+    )
 
 
 def load_patch_data() -> Dataset:
@@ -48,17 +54,29 @@ def load_patch_data() -> Dataset:
         t = torch.tensor(img, dtype=torch.float32).permute(2, 0, 1) / 255.0  # [3, 427, 640]
         left, right = t[:, :, :-TEST_COLS], t[:, :, -TEST_COLS:]
         # unfold twice: [3, rows, cols, P, P] -> [rows * cols, 3, P, P]
-        train.append(left.unfold(1, PATCH, PATCH // 2).unfold(2, PATCH, PATCH // 2)
-                     .permute(1, 2, 0, 3, 4).reshape(-1, 3, PATCH, PATCH))
-        test.append(right.unfold(1, PATCH, PATCH).unfold(2, PATCH, PATCH).permute(1, 2, 0, 3, 4)
-                    .reshape(-1, 3, PATCH, PATCH))
+        train.append(
+            left.unfold(1, PATCH, PATCH // 2)
+            .unfold(2, PATCH, PATCH // 2)
+            .permute(1, 2, 0, 3, 4)
+            .reshape(-1, 3, PATCH, PATCH)
+        )
+        test.append(
+            right.unfold(1, PATCH, PATCH).unfold(2, PATCH, PATCH).permute(1, 2, 0, 3, 4).reshape(-1, 3, PATCH, PATCH)
+        )
     cols = TEST_COLS // PATCH
     show = torch.arange(12 * cols, 16 * cols)  # four tile rows across the test strip of the first photo
     train_x, test_x = torch.cat(train), torch.cat(test)
-    return Dataset("patches", train_x, test_x, 2, show, (4, cols, 0),
-                   f"sklearn sample images, {PATCH}x{PATCH} RGB patches / 255: {train_x.shape[0]} train (stride "
-                   f"{PATCH // 2}, left {640 - TEST_COLS} columns) / {test_x.shape[0]} test (right {TEST_COLS} "
-                   f"columns)")
+    return Dataset(
+        "patches",
+        train_x,
+        test_x,
+        2,
+        show,
+        (4, cols, 0),
+        f"sklearn sample images, {PATCH}x{PATCH} RGB patches / 255: {train_x.shape[0]} train (stride "
+        f"{PATCH // 2}, left {640 - TEST_COLS} columns) / {test_x.shape[0]} test (right {TEST_COLS} "
+        f"columns)",
+    )
 
 
 def load_dataset(name: str, split_seed: int = 0) -> Dataset:

@@ -16,23 +16,41 @@ from ..dispatch import select
 from .data import Dataset
 from .train import METHODS, Config, RunResult
 
-COLUMNS = ("dataset", "method", "test usage", "codes used", "test perplexity", "test MSE", "untrained MSE",
-           "train time")
+COLUMNS = (
+    "dataset",
+    "method",
+    "test usage",
+    "codes used",
+    "test perplexity",
+    "test MSE",
+    "untrained MSE",
+    "train time",
+)
 
 
 def format_row(r: RunResult, num_codes: int) -> list[str]:
     t = r.test
-    return [r.dataset, r.method, f"{100 * t['usage']:.1f}%", f"{t['used_codes']}/{num_codes}",
-            f"{t['perplexity']:.1f}", f"{t['mse']:.5f}", f"{r.init_test_mse:.5f}", f"{r.train_time_s:.1f} s"]
+    return [
+        r.dataset,
+        r.method,
+        f"{100 * t['usage']:.1f}%",
+        f"{t['used_codes']}/{num_codes}",
+        f"{t['perplexity']:.1f}",
+        f"{t['mse']:.5f}",
+        f"{r.init_test_mse:.5f}",
+        f"{r.train_time_s:.1f} s",
+    ]
 
 
 def header_line(machine: dict[str, Any], cfg: Config) -> str:
     """One line saying what ran where: version, commit, date, device, threads, torch, load and the budget."""
     m = machine
-    return (f"vqkernels {m['vqkernels']} @ {m['git_commit'] or 'unknown commit'} | {m['date']} | "
-            f"{m['device']}: {m['device_name']} | threads {m['threads']} | torch {m['torch']} | "
-            f"load {m['loadavg_1m']} | backend {select(cfg.backend, torch.device(cfg.device))} | "
-            f"steps {cfg.steps} x batch {cfg.batch_size} | K {cfg.num_codes} | D {cfg.code_dim} | seed {cfg.seed}")
+    return (
+        f"vqkernels {m['vqkernels']} @ {m['git_commit'] or 'unknown commit'} | {m['date']} | "
+        f"{m['device']}: {m['device_name']} | threads {m['threads']} | torch {m['torch']} | "
+        f"load {m['loadavg_1m']} | backend {select(cfg.backend, torch.device(cfg.device))} | "
+        f"steps {cfg.steps} x batch {cfg.batch_size} | K {cfg.num_codes} | D {cfg.code_dim} | seed {cfg.seed}"
+    )
 
 
 def print_table(results: list[RunResult], header: str, num_codes: int) -> None:
@@ -61,7 +79,7 @@ def mosaic(images: np.ndarray, rows: int, cols: int, gap: int) -> np.ndarray:
     out = np.ones((rows * (h + gap) - gap, cols * (w + gap) - gap, c), dtype=np.float32)
     for i in range(n):
         r, q = divmod(i, cols)
-        out[r * (h + gap):r * (h + gap) + h, q * (w + gap):q * (w + gap) + w] = images[i].transpose(1, 2, 0)
+        out[r * (h + gap) : r * (h + gap) + h, q * (w + gap) : q * (w + gap) + w] = images[i].transpose(1, 2, 0)
     return out
 
 
@@ -84,10 +102,18 @@ def plot(results: list[RunResult], datasets: dict[str, Dataset], path: Path, tit
             ax_use.plot(r.curves["step"], r.curves["usage"], color=colors[r.method], label=r.method)
             ax_mse.plot(r.curves["step"], r.curves["train_mse"], color=colors[r.method], label=r.method)
         window = runs[0].curves["step"][0]
-        ax_use.set(title=f"{name}: codebook usage during training", xlabel="training step", ylim=(0, 1.02),
-                   ylabel=f"fraction of the K = {num_codes} codes\nused in the last {window} steps")
-        ax_mse.set(title=f"{name}: training reconstruction MSE", xlabel="training step",
-                   ylabel="MSE (pixels in [0, 1])", yscale="log")
+        ax_use.set(
+            title=f"{name}: codebook usage during training",
+            xlabel="training step",
+            ylim=(0, 1.02),
+            ylabel=f"fraction of the K = {num_codes} codes\nused in the last {window} steps",
+        )
+        ax_mse.set(
+            title=f"{name}: training reconstruction MSE",
+            xlabel="training step",
+            ylabel="MSE (pixels in [0, 1])",
+            yscale="log",
+        )
         for ax in (ax_use, ax_mse):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -101,8 +127,7 @@ def plot(results: list[RunResult], datasets: dict[str, Dataset], path: Path, tit
         inner = outer[i, 2].subgridspec(*grid)
         for j, (label, pic) in enumerate(pics):
             ax = fig.add_subplot(inner[j // grid[1], j % grid[1]])
-            ax.imshow(pic[..., 0] if pic.shape[-1] == 1 else pic, cmap="gray", vmin=0, vmax=1,
-                      interpolation="nearest")
+            ax.imshow(pic[..., 0] if pic.shape[-1] == 1 else pic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if wide:
@@ -116,12 +141,20 @@ def plot(results: list[RunResult], datasets: dict[str, Dataset], path: Path, tit
     plt.close(fig)
 
 
-def write_json(path: Path, machine: dict[str, Any], cfg: Config, datasets: dict[str, Dataset],
-               results: list[RunResult]) -> None:
+def write_json(
+    path: Path, machine: dict[str, Any], cfg: Config, datasets: dict[str, Dataset], results: list[RunResult]
+) -> None:
     """``{"machine", "config", "datasets", "runs"}``, every number as measured."""
-    config = {**asdict(cfg), "log_every": cfg.log_every, "optimizer": "Adam",
-              "loss": "mse(recon, x) / var(train x) + vq loss of the layer"}
-    payload = {"machine": machine, "config": config,
-               "datasets": {n: d.description for n, d in datasets.items()},
-               "runs": [r.to_json() for r in results]}
+    config = {
+        **asdict(cfg),
+        "log_every": cfg.log_every,
+        "optimizer": "Adam",
+        "loss": "mse(recon, x) / var(train x) + vq loss of the layer",
+    }
+    payload = {
+        "machine": machine,
+        "config": config,
+        "datasets": {n: d.description for n, d in datasets.items()},
+        "runs": [r.to_json() for r in results],
+    }
     path.write_text(json.dumps(payload, indent=2) + "\n")

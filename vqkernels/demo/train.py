@@ -58,8 +58,9 @@ class VQAutoEncoder(nn.Module):
     quantiser's API (vqtorch's ``(z_q, out)`` or CVQ-VAE's ``(z_q, loss, (perplexity, encodings, codes))``).
     """
 
-    def __init__(self, channels: int, hidden: int, code_dim: int, downsample: int,
-                 make_quantiser: Callable[[], nn.Module]):
+    def __init__(
+        self, channels: int, hidden: int, code_dim: int, downsample: int, make_quantiser: Callable[[], nn.Module]
+    ):
         super().__init__()
         # VQ-VAE's layout: strided 4x4 convolutions down, a 3x3 at the latent resolution, mirrored up
         enc: list[nn.Module] = [nn.Conv2d(channels, hidden, 4, stride=2, padding=1), nn.ReLU()]
@@ -67,8 +68,9 @@ class VQAutoEncoder(nn.Module):
         for _ in range(downsample - 1):
             enc += [nn.Conv2d(hidden, hidden, 4, stride=2, padding=1), nn.ReLU()]
             dec += [nn.ConvTranspose2d(hidden, hidden, 4, stride=2, padding=1), nn.ReLU()]
-        self.encoder = nn.Sequential(*enc, nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
-                                     nn.Conv2d(hidden, code_dim, 1))
+        self.encoder = nn.Sequential(
+            *enc, nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, code_dim, 1)
+        )
         self.decoder = nn.Sequential(*dec, nn.ConvTranspose2d(hidden, channels, 4, stride=2, padding=1))
         # built last, so the encoder and decoder start from the same weights whatever the quantiser draws
         self.quantiser = make_quantiser()
@@ -90,6 +92,7 @@ def codebook_only_sgd(num_codes: int, lr: float, momentum: float) -> Callable[[l
     Our layer hands the affine parameters to the in-place optimizer too (README "Method" §2.4). vqtorch's SGD(lr=50) is
     sized for the codes (about a Lloyd step for a code that holds the whole batch when D = 32); on
     ``A = 1 + affine_lr * s`` the same step is affine_lr^2 times larger, and training diverges."""
+
     def make(params) -> torch.optim.Optimizer:
         params = list(params)
         codes = [p for p in params if p.shape[0] == num_codes]
@@ -107,11 +110,20 @@ def make_quantiser(method: str, cfg: Config) -> nn.Module:
     if method == "vqtorch":
         # alternating optimisation needs beta = 1: no commitment term, the codes chase the encoder instead
         opt = codebook_only_sgd(k, cfg.vqtorch_inplace_lr, cfg.vqtorch_inplace_momentum)
-        return VectorQuant(d, k, beta=1.0, affine_lr=cfg.vqtorch_affine_lr, sync_nu=cfg.vqtorch_sync_nu,
-                           inplace_optimizer=opt, dim=1, backend=backend)
+        return VectorQuant(
+            d,
+            k,
+            beta=1.0,
+            affine_lr=cfg.vqtorch_affine_lr,
+            sync_nu=cfg.vqtorch_sync_nu,
+            inplace_optimizer=opt,
+            dim=1,
+            backend=backend,
+        )
     if method in METHODS:
-        return VectorQuantiser(k, d, beta=cfg.cvq_beta, distance=cfg.cvq_distance,
-                               anchor=method.removeprefix("cvq-"), backend=backend)
+        return VectorQuantiser(
+            k, d, beta=cfg.cvq_beta, distance=cfg.cvq_distance, anchor=method.removeprefix("cvq-"), backend=backend
+        )
     raise ValueError(f"method must be one of {METHODS}; got {method!r}")
 
 
@@ -132,14 +144,19 @@ def evaluate(model: VQAutoEncoder, x: Tensor, num_codes: int, batch_size: int = 
     counts = torch.zeros(num_codes, dtype=torch.int64, device=dev)
     sq_err = 0.0
     for i in range(0, x.shape[0], batch_size):
-        xb = x[i:i + batch_size].to(dev)
+        xb = x[i : i + batch_size].to(dev)
         recon, _, codes = model(xb)
         counts += torch.bincount(codes.flatten(), minlength=num_codes)
         sq_err += float((recon.double() - xb.double()).square().sum())
     model.train(was_training)
     used = int((counts > 0).sum())
-    return {"usage": used / num_codes, "used_codes": used, "perplexity": float(perplexity(counts)),
-            "mse": sq_err / x.numel(), "counts": counts.cpu()}
+    return {
+        "usage": used / num_codes,
+        "used_codes": used,
+        "perplexity": float(perplexity(counts)),
+        "mse": sq_err / x.numel(),
+        "counts": counts.cpu(),
+    }
 
 
 @dataclass
@@ -159,8 +176,15 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         test = {**self.test, "counts": self.test["counts"].tolist()}
-        return {"dataset": self.dataset, "method": self.method, "quantiser": self.quantiser, "test": test,
-                "init_test_mse": self.init_test_mse, "train_time_s": self.train_time_s, "curves": self.curves}
+        return {
+            "dataset": self.dataset,
+            "method": self.method,
+            "quantiser": self.quantiser,
+            "test": test,
+            "init_test_mse": self.init_test_mse,
+            "train_time_s": self.train_time_s,
+            "curves": self.curves,
+        }
 
 
 def _progress(total: int, desc: str):
@@ -182,8 +206,9 @@ def train_one(data: Dataset, method: str, cfg: Config) -> RunResult:
     """
     torch.manual_seed(cfg.seed)
     dev = torch.device(cfg.device)
-    model = VQAutoEncoder(data.train.shape[1], cfg.hidden, cfg.code_dim, data.downsample,
-                          lambda: make_quantiser(method, cfg)).to(dev)
+    model = VQAutoEncoder(
+        data.train.shape[1], cfg.hidden, cfg.code_dim, data.downsample, lambda: make_quantiser(method, cfg)
+    ).to(dev)
     init_mse = evaluate(model, data.test, cfg.num_codes)["mse"]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     train = data.train.to(dev)
@@ -200,7 +225,7 @@ def train_one(data: Dataset, method: str, cfg: Config) -> RunResult:
     for step in range(1, cfg.steps + 1):
         if pos + cfg.batch_size > order.shape[0]:  # a new epoch; the last partial batch is dropped
             order, pos = torch.randperm(train.shape[0], generator=gen), 0
-        xb = train[order[pos:pos + cfg.batch_size].to(dev)]
+        xb = train[order[pos : pos + cfg.batch_size].to(dev)]
         pos += cfg.batch_size
         recon, vq_loss, codes = model(xb)
         mse = (recon - xb).square().mean()

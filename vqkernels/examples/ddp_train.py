@@ -30,8 +30,9 @@ class AutoEncoder(nn.Module):
     def __init__(self, num_codes: int = 64):
         super().__init__()
         self.enc = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
-        self.vq = VectorQuant(16, num_codes, beta=0.95, sync_nu=0.2, kmeans_init=True, replace_freq=10,
-                              anchor="closest", dim=-1)
+        self.vq = VectorQuant(
+            16, num_codes, beta=0.95, sync_nu=0.2, kmeans_init=True, replace_freq=10, anchor="closest", dim=-1
+        )
         self.dec = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
 
     def forward(self, x):
@@ -48,8 +49,9 @@ def _digits() -> TensorDataset:
 
 
 def _run(rank: int, world: int, store: str, backend: str, epochs: int, max_steps: int | None) -> None:
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        backend, init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
     try:
         device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
         if device.type == "cpu":
@@ -96,8 +98,11 @@ def _run(rank: int, world: int, store: str, backend: str, epochs: int, max_steps
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m vqkernels.examples.ddp_train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vqkernels.examples.ddp_train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--epochs", type=int, default=5)

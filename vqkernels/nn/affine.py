@@ -21,8 +21,15 @@ AFFINE_MODES = ("learned", "running")
 class AffineTransform(nn.Module):
     """Group affine transform of a ``[K, D]`` codebook; ``scale``/``bias`` (learned) are ``[G, D]``."""
 
-    def __init__(self, feature_size: int, num_codes: int, groups: int = 1, lr_scale: float = 1.0,
-                 mode: str = "learned", momentum: float = 0.1):
+    def __init__(
+        self,
+        feature_size: int,
+        num_codes: int,
+        groups: int = 1,
+        lr_scale: float = 1.0,
+        mode: str = "learned",
+        momentum: float = 0.1,
+    ):
         super().__init__()
         if mode not in AFFINE_MODES:
             raise ValueError(f"affine_mode must be one of {AFFINE_MODES}; got {mode!r}")
@@ -62,8 +69,9 @@ class AffineTransform(nn.Module):
         return (vectors - b[g].to(vectors.dtype)) / a[g].to(vectors.dtype)
 
     @torch.no_grad()
-    def update_running_statistics(self, x: Tensor, codebook: Tensor,
-                                  moments: tuple[Tensor, Tensor] | None = None) -> None:
+    def update_running_statistics(
+        self, x: Tensor, codebook: Tensor, moments: tuple[Tensor, Tensor] | None = None
+    ) -> None:
         """Running mode only: fold the moments of ``x [N, D]`` (or the given ``(mean, var)`` of the rows, e.g.
         summed over ranks) and of each block of ``codebook [K, D]`` in."""
         if self.mode != "running" or (moments is None and x.shape[0] == 0):
@@ -72,8 +80,12 @@ class AffineTransform(nn.Module):
         x32 = x.to(self.running_ze_mean.dtype)
         blocks = codebook.to(self.running_c_mean.dtype).view(self.groups, -1, codebook.shape[1])
         xm, xv = (x32.mean(0), x32.var(0, unbiased=False)) if moments is None else moments
-        new = (xm.to(x32.dtype).expand_as(self.running_ze_mean), xv.to(x32.dtype).expand_as(self.running_ze_var),
-               blocks.mean(1), blocks.var(1, unbiased=False))
+        new = (
+            xm.to(x32.dtype).expand_as(self.running_ze_mean),
+            xv.to(x32.dtype).expand_as(self.running_ze_var),
+            blocks.mean(1),
+            blocks.var(1, unbiased=False),
+        )
         bufs = (self.running_ze_mean, self.running_ze_var, self.running_c_mean, self.running_c_var)
         m = self.momentum if bool(self.running_statistics_initialized.item()) else 1.0
         for buf, value in zip(bufs, new):

@@ -34,9 +34,11 @@ def register(layer: nn.Module, anchor: str, code_dim: int) -> None:
 
 
 def _state(layer: nn.Module) -> list[Tensor]:
-    return [layer.codebook_weight] + [getattr(layer, n) for n in
-                                      ("embed_prob", "anchor_initialized", "feature_pool", "pool_filled")
-                                      if hasattr(layer, n)]
+    return [layer.codebook_weight] + [
+        getattr(layer, n)
+        for n in ("embed_prob", "anchor_initialized", "feature_pool", "pool_filled")
+        if hasattr(layer, n)
+    ]
 
 
 def _global_closest(layer: nn.Module, rows: Tensor, block: Tensor) -> Tensor:
@@ -75,17 +77,16 @@ def _update(layer: nn.Module, segments: list[Segment], counts: Tensor, num_rows:
     for seg in segments:
         if seg.rows.shape[0] == 0 and not (sync and layer.anchor == "closest"):
             continue  # (a synchronised closest update still joins the collective with no candidates)
-        block = cb[seg.lo:seg.hi]
+        block = cb[seg.lo : seg.hi]
         if layer.anchor == "closest" and sync:
             anchors = _global_closest(layer, seg.rows, block)
         elif layer.anchor == "closest":
             anchors = cvq.closest_anchors(seg.rows, block.to(seg.rows.dtype), layer.metric, backend=layer.backend)
         elif layer.anchor == "probrandom":
-            anchors = cvq.probrandom_anchors(seg.rows, block.to(seg.rows.dtype), layer.metric,
-                                              backend=layer.backend)
+            anchors = cvq.probrandom_anchors(seg.rows, block.to(seg.rows.dtype), layer.metric, backend=layer.backend)
         else:
-            anchors = cvq.random_anchors(layer.feature_pool, layer.pool_filled)[seg.lo:seg.hi]
-        a = alpha[seg.lo:seg.hi, None]
+            anchors = cvq.random_anchors(layer.feature_pool, layer.pool_filled)[seg.lo : seg.hi]
+        a = alpha[seg.lo : seg.hi, None]
         new = (1 - a) * block + a * anchors.float()
         layer._write_effective(torch.arange(seg.lo, seg.hi, device=block.device), new)
     layer.anchor_initialized.fill_(1)

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from . import anchors, checkpoint, dead_codes
-from . import kmeans_init as km_init  # (``kmeans_init`` is a constructor argument)
 from . import distributed as vq_dist
+from . import kmeans_init as km_init  # (``kmeans_init`` is a constructor argument)
 from .codebook import CodebookMixin
 from .contrastive import contrastive_loss
 from .functional import gather_codes
@@ -45,12 +45,29 @@ class VQBase(CodebookMixin, nn.Module):
 
     enabled = True  # False: the layer is the identity (see vqkernels.nn.no_vq)
 
-    def _init_vq(self, num_codes: int, code_dim: int, *, metric: str = "l2", cb_norm: str | None = None,
-                 affine_lr: float = 0.0, affine_groups: int = 1, affine_mode: str | None = None,
-                 replace_freq: int = 0, inplace_optimizer: Callable | None = None, beta: float = 0.95,
-                 kmeans_init: bool = False, kmeans_iters: int = 20, anchor: str | None = None,
-                 anchor_decay: float = 0.99, first_batch: bool = False, contrastive: bool = False,
-                 backend: str = "auto", codebook_init: str = "normal", sync: bool | None = None) -> None:
+    def _init_vq(
+        self,
+        num_codes: int,
+        code_dim: int,
+        *,
+        metric: str = "l2",
+        cb_norm: str | None = None,
+        affine_lr: float = 0.0,
+        affine_groups: int = 1,
+        affine_mode: str | None = None,
+        replace_freq: int = 0,
+        inplace_optimizer: Callable | None = None,
+        beta: float = 0.95,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 20,
+        anchor: str | None = None,
+        anchor_decay: float = 0.99,
+        first_batch: bool = False,
+        contrastive: bool = False,
+        backend: str = "auto",
+        codebook_init: str = "normal",
+        sync: bool | None = None,
+    ) -> None:
         _check_positive_int(num_codes, "num_codes")
         _check_positive_int(code_dim, "feature_size")
         if metric not in METRICS:

@@ -12,8 +12,14 @@ import torch
 from torch import nn
 
 # Buffers a vqtorch / CVQ-VAE checkpoint may lack.
-OPTIONAL_STATE = ("lru_counters", "embed_prob", "anchor_initialized", "feature_pool", "pool_filled",
-                  "affine_transform.running_statistics_initialized")
+OPTIONAL_STATE = (
+    "lru_counters",
+    "embed_prob",
+    "anchor_initialized",
+    "feature_pool",
+    "pool_filled",
+    "affine_transform.running_statistics_initialized",
+)
 
 
 def adapt_state_dict(module: nn.Module, state_dict: dict, prefix: str) -> None:

@@ -23,8 +23,16 @@ class CodebookMixin:
 
     _codebook_attr = "codebook"  # name of the nn.Embedding holding the raw codes
 
-    def _init_codebook(self, num_codes: int, code_dim: int, cb_norm: str | None, affine_lr: float,
-                       affine_groups: int, affine_mode: str | None, codebook_init: str) -> None:
+    def _init_codebook(
+        self,
+        num_codes: int,
+        code_dim: int,
+        cb_norm: str | None,
+        affine_lr: float,
+        affine_groups: int,
+        affine_mode: str | None,
+        codebook_init: str,
+    ) -> None:
         """Create the raw codes (N(0, 1), or CVQ-VAE's U(-1/K, 1/K) for ``codebook_init="uniform"``) and the
         affine transform (``affine_mode`` "learned" by default when ``affine_lr > 0``, or "running")."""
         if cb_norm not in CODEBOOK_NORMS:
@@ -39,8 +47,9 @@ class CodebookMixin:
         if affine_mode is None and affine_lr > 0:
             affine_mode = "learned"
         if affine_mode is not None:
-            self.affine_transform = AffineTransform(code_dim, num_codes, affine_groups,
-                                                    lr_scale=affine_lr if affine_lr > 0 else 1.0, mode=affine_mode)
+            self.affine_transform = AffineTransform(
+                code_dim, num_codes, affine_groups, lr_scale=affine_lr if affine_lr > 0 else 1.0, mode=affine_mode
+            )
         elif not isinstance(affine_groups, int) or affine_groups < 1 or num_codes % affine_groups:
             raise ValueError(f"affine_groups must be a positive divisor of num_codes = {num_codes}")
 
@@ -116,5 +125,5 @@ class CodebookMixin:
             if count == 0:
                 return
             mean = tot[:d] / count
-            moments = (mean, (tot[d:2 * d] / count - mean * mean).clamp_min(0))
+            moments = (mean, (tot[d : 2 * d] / count - mean * mean).clamp_min(0))
         self.affine_transform.update_running_statistics(rows, raw, moments)

@@ -31,8 +31,9 @@ def _block_loss(x: Tensor, c: Tensor, metric: str, tau: float, num_pos: int, num
     return (torch.logsumexp(logits, 1) - logits[:, 0]).sum()
 
 
-def _blocked(x: Tensor, cb: Tensor, metric: str, tau: float, chunk_elems: int,
-             grad_out: Tensor | None = None) -> Tensor:
+def _blocked(
+    x: Tensor, cb: Tensor, metric: str, tau: float, chunk_elems: int, grad_out: Tensor | None = None
+) -> Tensor:
     """Forward (``grad_out`` None): the summed loss. Backward: the gradient w.r.t. ``cb`` of ``grad_out * sum``."""
     n, k = x.shape[0], cb.shape[0]
     num_pos, num_neg = max(1, n // k), n // 2
@@ -40,14 +41,14 @@ def _blocked(x: Tensor, cb: Tensor, metric: str, tau: float, chunk_elems: int,
     if grad_out is None:
         total = torch.zeros((), dtype=x.dtype, device=x.device)
         for k0 in range(0, k, kb):
-            total += _block_loss(x, cb[k0:k0 + kb], metric, tau, num_pos, num_neg)
+            total += _block_loss(x, cb[k0 : k0 + kb], metric, tau, num_pos, num_neg)
         return total
     grad = torch.empty_like(cb)
     for k0 in range(0, k, kb):  # recompute block by block: only one block's graph is alive at a time
         with torch.enable_grad():
-            c = cb[k0:k0 + kb].detach().requires_grad_(True)
+            c = cb[k0 : k0 + kb].detach().requires_grad_(True)
             (g,) = torch.autograd.grad(_block_loss(x, c, metric, tau, num_pos, num_neg), c)
-        grad[k0:k0 + kb] = g * grad_out
+        grad[k0 : k0 + kb] = g * grad_out
     return grad
 
 
@@ -80,8 +81,9 @@ class _ContrastiveLoss(torch.autograd.Function):
         return g.to(ctx.cb_dtype), None, None, None, None
 
 
-def contrastive_loss(x: Tensor, codebook: Tensor, metric: str = "l2", tau: float = 0.07,
-                     chunk_elems: int = 1 << 22) -> Tensor:
+def contrastive_loss(
+    x: Tensor, codebook: Tensor, metric: str = "l2", tau: float = 0.07, chunk_elems: int = 1 << 22
+) -> Tensor:
     """CVQ's contrastive term (module docstring), a scalar (fp32; fp64 if an input is fp64).
 
     Args:

@@ -39,6 +39,7 @@ __all__ = [
     "gumbel_noise",
 ]
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,8 +139,7 @@ def apply_anchor_update(codebook: Tensor, anchors: Tensor, alpha: Tensor) -> Non
     check_matrix(codebook, "codebook")
     check_matrix(anchors, "anchors")
     if anchors.shape != codebook.shape:
-        raise ValueError(f"anchors must have the codebook's shape {tuple(codebook.shape)}; got "
-                         f"{tuple(anchors.shape)}")
+        raise ValueError(f"anchors must have the codebook's shape {tuple(codebook.shape)}; got {tuple(anchors.shape)}")
     _check_vector(alpha, "alpha", codebook.shape[0])
     for t, name in ((anchors, "anchors"), (alpha, "alpha")):
         if t.device != codebook.device:
@@ -153,8 +153,9 @@ def apply_anchor_update(codebook: Tensor, anchors: Tensor, alpha: Tensor) -> Non
 # §3.2 anchors: "closest"
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def closest_anchors(x: Tensor, codebook: Tensor, metric: str = "l2", backend: str = "auto", *,
-                    exact: bool = False) -> Tensor:
+def closest_anchors(
+    x: Tensor, codebook: Tensor, metric: str = "l2", backend: str = "auto", *, exact: bool = False
+) -> Tensor:
     """For each code, the batch row nearest to it (CVQ §3.2 "closest" anchor), ``[K, D]`` in ``x``'s dtype.
 
     The swapped-role search ``nearest_code(codebook, x)`` (README "Method" §1): no N x K matrix and no sort. Ties go
@@ -173,9 +174,14 @@ def closest_anchors(x: Tensor, codebook: Tensor, metric: str = "l2", backend: st
 # §3.2 anchors: "probrandom" (vqkernels.sample_code: Gumbel-max in the search's epilogue)
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_anchor_rows(x: Tensor, codebook: Tensor, metric: str = "l2",
-                       generator: torch.Generator | None = None, chunk_elems: int = 1 << 22,
-                       backend: str = "auto") -> Tensor:
+def sample_anchor_rows(
+    x: Tensor,
+    codebook: Tensor,
+    metric: str = "l2",
+    generator: torch.Generator | None = None,
+    chunk_elems: int = 1 << 22,
+    backend: str = "auto",
+) -> Tensor:
     """Per code ``k`` a row index ``i ~ softmax_i(-d(x_i, c_k))`` (CVQ §3.2 "probrandom").
 
     :func:`vqkernels.sample_code` (Gumbel-max in the search's epilogue) with a seed of two 32-bit draws from
@@ -195,13 +201,13 @@ def sample_anchor_rows(x: Tensor, codebook: Tensor, metric: str = "l2",
     if x.shape[0] == 0:
         raise ValueError("x must hold at least one row to sample anchors from; got N = 0")
     acc = _acc(x.dtype, codebook.dtype)
-    return ops.sample_code(x.to(acc), codebook.to(acc), metric=metric, seed=ops.draw_seed(generator),
-                           backend=backend)
+    return ops.sample_code(x.to(acc), codebook.to(acc), metric=metric, seed=ops.draw_seed(generator), backend=backend)
 
 
 @torch.no_grad()
-def probrandom_anchors(x: Tensor, codebook: Tensor, metric: str = "l2",
-                       generator: torch.Generator | None = None, backend: str = "auto") -> Tensor:
+def probrandom_anchors(
+    x: Tensor, codebook: Tensor, metric: str = "l2", generator: torch.Generator | None = None, backend: str = "auto"
+) -> Tensor:
     """``x[sample_anchor_rows(x, codebook, metric, generator)]``: a sampled batch row per code, ``[K, D]``."""
     return x.index_select(0, sample_anchor_rows(x, codebook, metric, generator, backend=backend))
 
@@ -216,15 +222,13 @@ def _check_pool(pool: object, filled: object) -> None:
     if not isinstance(filled, Tensor):
         raise TypeError(f"filled must be a torch.Tensor; got {type(filled).__name__}")
     if filled.dim() != 0 or filled.dtype != torch.int64:
-        raise ValueError(f"filled must be a 0-dim int64 tensor; got shape {tuple(filled.shape)}, "
-                         f"{filled.dtype}")
+        raise ValueError(f"filled must be a 0-dim int64 tensor; got shape {tuple(filled.shape)}, {filled.dtype}")
     if filled.device != pool.device:
         raise ValueError(f"pool and filled must be on the same device; got {pool.device} and {filled.device}")
 
 
 @torch.no_grad()
-def update_feature_pool(pool: Tensor, filled: Tensor, x: Tensor,
-                        generator: torch.Generator | None = None) -> None:
+def update_feature_pool(pool: Tensor, filled: Tensor, x: Tensor, generator: torch.Generator | None = None) -> None:
     """Write the batch rows ``x`` ``[N, D]`` into the pool ``[K, D]`` of recent rows (CVQ §3.2 "random").
 
     Policy: the pool is a ring buffer holding the most recent rows, in random order.
@@ -242,8 +246,7 @@ def update_feature_pool(pool: Tensor, filled: Tensor, x: Tensor,
     check_matrix(x, "x")
     _check_generator(generator)
     if x.shape[1] != pool.shape[1]:
-        raise ValueError(f"x and pool must have the same D; got x {tuple(x.shape)} and pool "
-                         f"{tuple(pool.shape)}")
+        raise ValueError(f"x and pool must have the same D; got x {tuple(x.shape)} and pool {tuple(pool.shape)}")
     if x.device != pool.device:
         raise ValueError(f"x and pool must be on the same device; got {x.device} and {pool.device}")
     n, k = x.shape[0], pool.shape[0]

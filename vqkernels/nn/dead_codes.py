@@ -31,7 +31,7 @@ def replace(layer: nn.Module, segments: list[Segment], counts: Tensor) -> None:
     layer.lru_counters.sub_(1)
     layer.lru_counters[counts > 0] = t
     for seg in segments:
-        dead = torch.nonzero(layer.lru_counters[seg.lo:seg.hi] <= 0).squeeze(1) + seg.lo
+        dead = torch.nonzero(layer.lru_counters[seg.lo : seg.hi] <= 0).squeeze(1) + seg.lo
         n = seg.rows.shape[0]
         if dead.numel() == 0 or n == 0:
             continue

@@ -88,8 +88,8 @@ class _VQLoss(torch.autograd.Function):
 
 
 def convex_vq_loss(x: Tensor, z_q: Tensor, beta: float) -> Tensor:
-    """vqtorch's loss ``(1 - beta) mean((x - sg(z_q))^2) + beta mean((sg(x) - z_q)^2)`` (README "Method" §2.1), a scalar in
-    fp32 (fp64 for fp64 inputs). ``x``, ``z_q``: ``[N, D]``."""
+    """vqtorch's loss ``(1 - beta) mean((x - sg(z_q))^2) + beta mean((sg(x) - z_q)^2)`` (README "Method" §2.1), a
+    scalar in fp32 (fp64 for fp64 inputs). ``x``, ``z_q``: ``[N, D]``."""
     return _VQLoss.apply(x, z_q, 1.0 - float(beta), float(beta))
 
 

@@ -65,7 +65,7 @@ class GroupVectorQuant(VectorQuant):
             counts = torch.cat([p.counts for p in parts])
         loss = convex_vq_loss(xg, z_q, self.beta)
         if self.contrastive and self.training:
-            loss = loss + sum(self._contrastive_loss(s.rows, cb[s.lo:s.hi]) for s in segments) / len(segments)
+            loss = loss + sum(self._contrastive_loss(s.rows, cb[s.lo : s.hi]) for s in segments) / len(segments)
         out_rows = straight_through(xg, z_q, self.nu)
         self._after_forward(segments, counts)
         d = dist.sqrt() if self.metric == "l2" else dist

@@ -19,7 +19,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Generator, Tensor
 
-from ..ops import COS_EPS, acc_dtype, check_finite, code_stats, distances, nearest_code, paired_distances, resolve_backend
+from ..ops import (
+    COS_EPS,
+    acc_dtype,
+    check_finite,
+    code_stats,
+    distances,
+    nearest_code,
+    paired_distances,
+    resolve_backend,
+)
 
 __all__ = ["KMeansResult", "kmeans", "kmeans_plusplus"]
 
@@ -123,8 +132,9 @@ def _duplicates(c: Tensor) -> Tensor:
     return pos != first[inv]
 
 
-def _make_distinct(c: Tensor, out_dtype: torch.dtype, scale: Tensor, generator: Generator | None, spherical: bool,
-                   max_tries: int = 30) -> bool:
+def _make_distinct(
+    c: Tensor, out_dtype: torch.dtype, scale: Tensor, generator: Generator | None, spherical: bool, max_tries: int = 30
+) -> bool:
     """Jitter (in place) the rows of ``c`` that equal an earlier row once rounded to ``out_dtype``.
 
     The jitter is ``1e-3 · scale`` per dimension, at least two units in the last place of ``out_dtype`` so that it
@@ -162,8 +172,9 @@ def _seed_with_replacement(xs: Tensor, k: int, generator: Generator | None) -> T
     return xs[idx]
 
 
-def _kmeanspp_idx(xs: Tensor, k: int, metric: str, generator: Generator | None,
-                  local_trials: int | None = None) -> Tensor:
+def _kmeanspp_idx(
+    xs: Tensor, k: int, metric: str, generator: Generator | None, local_trials: int | None = None
+) -> Tensor:
     """k-means++ seeding of the working rows ``xs [N, D]`` (unit rows for cosine), ``K < N``: indices ``[K]``.
 
     Arthur & Vassilvitskii 2007: the first seed is uniform; every next seed is drawn with probability ∝ the
@@ -177,7 +188,7 @@ def _kmeanspp_idx(xs: Tensor, k: int, metric: str, generator: Generator | None,
     idx = torch.empty(k, dtype=torch.int64, device=xs.device)
     i = int(_randint(n, 1, generator, xs.device))
     idx[0] = i
-    mind = _dist_rows(xs, xs[i:i + 1], metric)[0]
+    mind = _dist_rows(xs, xs[i : i + 1], metric)[0]
     mind[i] = 0
     for j in range(1, k):
         w = mind.to(torch.float64)
@@ -195,8 +206,15 @@ def _kmeanspp_idx(xs: Tensor, k: int, metric: str, generator: Generator | None,
 
 
 @torch.no_grad()
-def kmeans_plusplus(x: Tensor, num_codes: int, *, metric: str = "l2", generator: torch.Generator | None = None,
-                    backend: str = "auto", local_trials: int | None = None) -> Tensor:
+def kmeans_plusplus(
+    x: Tensor,
+    num_codes: int,
+    *,
+    metric: str = "l2",
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+    local_trials: int | None = None,
+) -> Tensor:
     """k-means++ seeds (Arthur & Vassilvitskii 2007, D² sampling; greedy with ``2 + ⌊ln K⌋`` local trials).
 
     Args:
@@ -214,8 +232,9 @@ def kmeans_plusplus(x: Tensor, num_codes: int, *, metric: str = "l2", generator:
         a jitter of ``1e-3 ×`` the per-dimension std of ``x`` (at least 2 ulp of ``x.dtype``), so all K differ.
     """
     k = _check_common(x, num_codes, metric, generator, backend)
-    if local_trials is not None and (isinstance(local_trials, bool) or not isinstance(local_trials, int)
-                                     or local_trials < 1):
+    if local_trials is not None and (
+        isinstance(local_trials, bool) or not isinstance(local_trials, int) or local_trials < 1
+    ):
         raise ValueError(f"local_trials must be None or an int >= 1; got {local_trials!r}")
     xs = _acc(x)
     if k >= xs.shape[0]:
@@ -235,14 +254,22 @@ def _inertia(xs: Tensor, c: Tensor, codes: Tensor, metric: str) -> float:
     total = 0.0
     step = max(1, _CHUNK_ELEMS // xs.shape[1])
     for r0 in range(0, xs.shape[0], step):
-        total += float(paired_distances(xs[r0:r0 + step], c[codes[r0:r0 + step]], metric).sum())
+        total += float(paired_distances(xs[r0 : r0 + step], c[codes[r0 : r0 + step]], metric).sum())
     return total
 
 
 @torch.no_grad()
-def kmeans(x: Tensor, num_codes: int, *, iters: int = 20, tol: float = 1e-4, metric: str = "l2",
-           generator: torch.Generator | None = None, backend: str = "auto",
-           progress: bool = False) -> KMeansResult:
+def kmeans(
+    x: Tensor,
+    num_codes: int,
+    *,
+    iters: int = 20,
+    tol: float = 1e-4,
+    metric: str = "l2",
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+    progress: bool = False,
+) -> KMeansResult:
     """Fit K centroids to the rows of ``x``: k-means++ seeding, then Lloyd iterations on the fused ops.
 
     Each iteration assigns every row to its nearest centroid (:func:`vqkernels.nearest_code`) and moves every
@@ -329,8 +356,15 @@ def kmeans(x: Tensor, num_codes: int, *, iters: int = 20, tol: float = 1e-4, met
     return _finish(xs, c, out_dtype, metric, backend, it, None if changed else codes)
 
 
-def _finish(xs: Tensor, c: Tensor, out_dtype: torch.dtype, metric: str, backend: str, iterations: int,
-            codes: Tensor | None = None) -> KMeansResult:
+def _finish(
+    xs: Tensor,
+    c: Tensor,
+    out_dtype: torch.dtype,
+    metric: str,
+    backend: str,
+    iterations: int,
+    codes: Tensor | None = None,
+) -> KMeansResult:
     """Round the centroids to ``out_dtype``; assign and score every row against the rounded centroids."""
     centroids = c.to(out_dtype)
     cw = centroids.to(xs.dtype)

@@ -39,8 +39,13 @@ def _fit(layer: nn.Module, segments: list[Segment]) -> None:
     for seg in segments:
         if seg.rows.shape[0] == 0:
             continue
-        res = kmeans(seg.rows.float(), seg.hi - seg.lo, iters=layer.kmeans_iters, backend=layer.backend,
-                     metric="cosine" if layer.metric == "cosine" else "l2")
+        res = kmeans(
+            seg.rows.float(),
+            seg.hi - seg.lo,
+            iters=layer.kmeans_iters,
+            backend=layer.backend,
+            metric="cosine" if layer.metric == "cosine" else "l2",
+        )
         idx = torch.arange(seg.lo, seg.hi, device=seg.rows.device)
         layer._write_effective(idx, res.centroids.float())
 

@@ -32,26 +32,48 @@ class VectorQuantiser(VQBase):
 
     _codebook_attr = "embedding"
 
-    def __init__(self, num_embed: int, embed_dim: int, beta: float = 0.25, distance: str = "cos",
-                 anchor: str = "probrandom", first_batch: bool = False, contras_loss: bool = False, *,
-                 anchor_decay: float = 0.99, return_encodings: bool = False, backend: str = "auto",
-                 sync: bool | None = None):
+    def __init__(
+        self,
+        num_embed: int,
+        embed_dim: int,
+        beta: float = 0.25,
+        distance: str = "cos",
+        anchor: str = "probrandom",
+        first_batch: bool = False,
+        contras_loss: bool = False,
+        *,
+        anchor_decay: float = 0.99,
+        return_encodings: bool = False,
+        backend: str = "auto",
+        sync: bool | None = None,
+    ):
         super().__init__()
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {tuple(DISTANCES)}; got {distance!r}")
         if not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"beta must be in [0, 1]; got {beta}")
-        self._init_vq(num_embed, embed_dim, metric=DISTANCES[distance], anchor=anchor, anchor_decay=anchor_decay,
-                      first_batch=first_batch, contrastive=contras_loss, backend=backend, codebook_init="uniform",
-                      sync=sync)
+        self._init_vq(
+            num_embed,
+            embed_dim,
+            metric=DISTANCES[distance],
+            anchor=anchor,
+            anchor_decay=anchor_decay,
+            first_batch=first_batch,
+            contrastive=contras_loss,
+            backend=backend,
+            codebook_init="uniform",
+            sync=sync,
+        )
         self.num_embed, self.embed_dim, self.beta, self.distance = num_embed, embed_dim, float(beta), distance
         self.contras_loss, self.decay, self.return_encodings = contras_loss, anchor_decay, return_encodings
 
     def forward(self, z: Tensor, temp=None, rescale_logits: bool = False, return_logits: bool = False):
         # the extra arguments exist for interface compatibility with Gumbel quantisers, as in CVQ-VAE
         if temp not in (None, 1.0) or rescale_logits or return_logits:
-            raise ValueError("temp, rescale_logits and return_logits exist only for interface compatibility "
-                             "(temp must be None or 1.0, the others False)")
+            raise ValueError(
+                "temp, rescale_logits and return_logits exist only for interface compatibility "
+                "(temp must be None or 1.0, the others False)"
+            )
         x = move_features_last(z, 1, self.embed_dim)
         if not self.enabled:
             return z, torch.zeros((), device=z.device), (None, None, None)
@@ -68,5 +90,7 @@ class VectorQuantiser(VQBase):
         return z_q, loss, (perplexity(res.counts), encodings, res.codes)
 
     def extra_repr(self) -> str:
-        return (f"num_embed={self.num_embed}, embed_dim={self.embed_dim}, beta={self.beta}, "
-                f"distance={self.distance}, anchor={self.anchor}")
+        return (
+            f"num_embed={self.num_embed}, embed_dim={self.embed_dim}, beta={self.beta}, "
+            f"distance={self.distance}, anchor={self.anchor}"
+        )

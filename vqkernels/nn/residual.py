@@ -66,7 +66,7 @@ class ResidualVectorQuant(VectorQuant):
             km_init.mark_done(self)
         loss = torch.stack(losses).mean()
         if self.contrastive and self.training:
-            loss = loss + sum(self._contrastive_loss(s.rows, cb[s.lo:s.hi]) for s in segments) / len(segments)
+            loss = loss + sum(self._contrastive_loss(s.rows, cb[s.lo : s.hi]) for s in segments) / len(segments)
         out_rows = straight_through(xf, total, self.nu)
         if self.share:
             segments = [Segment(torch.cat([s.rows for s in segments]), 0, self.num_codes)]

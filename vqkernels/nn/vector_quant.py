@@ -46,21 +46,54 @@ class VectorQuant(VQBase):
         >>> out["loss"].backward()
     """
 
-    def __init__(self, feature_size: int, num_codes: int, beta: float = 0.95, sync_nu: float = 0.0,
-                 affine_lr: float = 0.0, affine_groups: int = 1, replace_freq: int = 0,
-                 inplace_optimizer: Callable | None = None, kmeans_init: bool = False, norm: str | None = None,
-                 cb_norm: str | None = None, dim: int = 1, *, metric: str = "l2", affine_mode: str | None = None,
-                 kmeans_iters: int = 20, anchor: str | None = None, anchor_decay: float = 0.99,
-                 first_batch: bool = False, contrastive: bool = False, backend: str = "auto",
-                 sync: bool | None = None):
+    def __init__(
+        self,
+        feature_size: int,
+        num_codes: int,
+        beta: float = 0.95,
+        sync_nu: float = 0.0,
+        affine_lr: float = 0.0,
+        affine_groups: int = 1,
+        replace_freq: int = 0,
+        inplace_optimizer: Callable | None = None,
+        kmeans_init: bool = False,
+        norm: str | None = None,
+        cb_norm: str | None = None,
+        dim: int = 1,
+        *,
+        metric: str = "l2",
+        affine_mode: str | None = None,
+        kmeans_iters: int = 20,
+        anchor: str | None = None,
+        anchor_decay: float = 0.99,
+        first_batch: bool = False,
+        contrastive: bool = False,
+        backend: str = "auto",
+        sync: bool | None = None,
+    ):
         super().__init__()
         self.feature_size, self.dim, self.nu, self.affine_lr = feature_size, dim, float(sync_nu), affine_lr
         self.groups = 1
-        self._init_vq(num_codes, feature_size, metric=metric, cb_norm=cb_norm, affine_lr=affine_lr,
-                      affine_groups=affine_groups, affine_mode=affine_mode, replace_freq=replace_freq,
-                      inplace_optimizer=inplace_optimizer, beta=beta, kmeans_init=kmeans_init,
-                      kmeans_iters=kmeans_iters, anchor=anchor, anchor_decay=anchor_decay,
-                      first_batch=first_batch, contrastive=contrastive, backend=backend, sync=sync)
+        self._init_vq(
+            num_codes,
+            feature_size,
+            metric=metric,
+            cb_norm=cb_norm,
+            affine_lr=affine_lr,
+            affine_groups=affine_groups,
+            affine_mode=affine_mode,
+            replace_freq=replace_freq,
+            inplace_optimizer=inplace_optimizer,
+            beta=beta,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            anchor=anchor,
+            anchor_decay=anchor_decay,
+            first_batch=first_batch,
+            contrastive=contrastive,
+            backend=backend,
+            sync=sync,
+        )
         self.norm = norm
         self.norm_layer = VectorNorm(norm, feature_size)
 
@@ -91,5 +124,7 @@ class VectorQuant(VQBase):
         return out_rows.view(shape).movedim(-1, self.dim), out
 
     def extra_repr(self) -> str:
-        return (f"feature_size={self.feature_size}, num_codes={self.num_codes}, beta={self.beta}, nu={self.nu}, "
-                f"metric={self.metric}, dim={self.dim}, enabled={self.enabled}")
+        return (
+            f"feature_size={self.feature_size}, num_codes={self.num_codes}, beta={self.beta}, nu={self.nu}, "
+            f"metric={self.metric}, dim={self.dim}, enabled={self.enabled}"
+        )

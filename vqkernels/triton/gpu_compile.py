@@ -131,17 +131,28 @@ class _Recorder:
             else:
                 specialised.append(f"{name}=={value}")
         attrs = src.attrs if isinstance(src.attrs, dict) else {}
-        aligned = sorted(fn.arg_names[p[0]] for p, a in attrs.items()
-                         if any(x and x[0] == "tt.divisibility" for x in a)
-                         and not str(src.signature.get(fn.arg_names[p[0]], "")).startswith("*"))
+        aligned = sorted(
+            fn.arg_names[p[0]]
+            for p, a in attrs.items()
+            if any(x and x[0] == "tt.divisibility" for x in a)
+            and not str(src.signature.get(fn.arg_names[p[0]], "")).startswith("*")
+        )
         specialised += [f"{n}%16" for n in aligned]
         key = f"{src.name}|{metadata.hash}"
         v = self.variants.get(key)
         if v is None:
             first_ptr = next((t for t in src.signature.values() if str(t).startswith("*")), "")
-            v = Variant(src.name, self.arch, consts, sorted(specialised), metadata.num_warps,
-                        getattr(metadata, "num_stages", 0), metadata.shared, dtype=str(first_ptr).lstrip("*"),
-                        layout=getattr(fn, "vqk_layout", ""))
+            v = Variant(
+                src.name,
+                self.arch,
+                consts,
+                sorted(specialised),
+                metadata.num_warps,
+                getattr(metadata, "num_stages", 0),
+                metadata.shared,
+                dtype=str(first_ptr).lstrip("*"),
+                layout=getattr(fn, "vqk_layout", ""),
+            )
             self.variants[key] = v
         self._pending = v
         return v
@@ -167,9 +178,15 @@ class _Utils:
 
     def get_device_properties(self, device):
         lim = self.limits
-        return {"max_shared_mem": lim.max_shared, "max_num_regs": lim.regs_per_sm,
-                "multiprocessor_count": lim.sms, "warpSize": 32, "sm_clock_rate": 1_755_000,
-                "mem_clock_rate": 2_619_000, "mem_bus_width": 5120}
+        return {
+            "max_shared_mem": lim.max_shared,
+            "max_num_regs": lim.regs_per_sm,
+            "multiprocessor_count": lim.sms,
+            "warpSize": 32,
+            "sm_clock_rate": 1_755_000,
+            "mem_clock_rate": 2_619_000,
+            "mem_bus_width": 5120,
+        }
 
     def get_current_device(self):
         return 0
@@ -322,7 +339,7 @@ def cases(quick: bool = False) -> list[Case]:
             for metric in METRICS:
                 out.append(Case("search", dtype, metric, d))
                 out.append(Case("quantize", dtype, metric, d))
-                for t in ((2,) if quick else (1, 2, 3, 4)):
+                for t in (2,) if quick else (1, 2, 3, 4):
                     out.append(Case("quantize", dtype, metric, d, exact=True, candidates=t))
                 if dtype == "float32":
                     out.append(Case("search", dtype, metric, d, tf32=True))
@@ -386,8 +403,8 @@ def launch(case: Case) -> None:
     x = torch.randn(case.n, case.d, generator=g).to(dtype)
     cb = torch.randn(case.k, case.d, generator=g).to(dtype)
     if case.layout == "row-strided":
-        x = torch.randn(case.n, case.d + 3, generator=g).to(dtype)[:, 1:case.d + 1]
-        cb = torch.randn(case.k, case.d + 5, generator=g).to(dtype)[:, 2:case.d + 2]
+        x = torch.randn(case.n, case.d + 3, generator=g).to(dtype)[:, 1 : case.d + 1]
+        cb = torch.randn(case.k, case.d + 5, generator=g).to(dtype)[:, 2 : case.d + 2]
     elif case.layout == "column-major":
         cb = cb.T.contiguous().T
     with _case_env(case):
@@ -431,11 +448,18 @@ def check(archs=(80, 90), quick: bool = False, progress: bool = True) -> list[Va
                     rec.variants[key].compile_s = (time.perf_counter() - t0) / len(new)
                     rec.variants[key].tags.add(case.label())
                 if progress and new:
-                    print(f"  sm_{arch} [{i + 1}/{len(todo)}] {case.label()}: {len(new)} new variant(s), "
-                          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                    print(
+                        f"  sm_{arch} [{i + 1}/{len(todo)}] {case.label()}: {len(new)} new variant(s), "
+                        f"{time.perf_counter() - t0:.1f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if progress:
-                print(f"sm_{arch}: {len(rec.variants)} variants in {time.perf_counter() - t_arch:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"sm_{arch}: {len(rec.variants)} variants in {time.perf_counter() - t_arch:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             out.extend(rec.variants.values())
     return out
 
@@ -457,10 +481,19 @@ def table(variants: list[Variant]) -> str:
     rows = [("kernel", "arch", "variant", "warps", "stages", "regs", "spill B", "smem KiB", "status")]
     for v in sorted(variants, key=lambda v: (v.kernel, v.arch, v.dtype, _tile(v), v.specialised)):
         probs = v.problems()
-        rows.append((v.kernel, f"sm_{v.arch}", f"{v.dtype} {v.layout} {_tile(v)}" + (" " + " ".join(v.specialised)
-                                                                        if v.specialised else ""),
-                     str(v.warps), str(v.stages), str(v.regs), str(v.stack + v.local), f"{v.shared / 1024:.1f}",
-                     "ok" if not probs else "FAIL: " + "; ".join(probs)))
+        rows.append(
+            (
+                v.kernel,
+                f"sm_{v.arch}",
+                f"{v.dtype} {v.layout} {_tile(v)}" + (" " + " ".join(v.specialised) if v.specialised else ""),
+                str(v.warps),
+                str(v.stages),
+                str(v.regs),
+                str(v.stack + v.local),
+                f"{v.shared / 1024:.1f}",
+                "ok" if not probs else "FAIL: " + "; ".join(probs),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -469,8 +502,10 @@ def summary(variants: list[Variant]) -> dict:
     """Per kernel and arch: variant count, max registers, max shared memory, failures."""
     out: dict = {}
     for v in variants:
-        s = out.setdefault(f"{v.kernel} sm_{v.arch}", {"variants": 0, "max_regs": 0, "max_shared_kib": 0.0,
-                                                       "max_spill_bytes": 0, "failures": 0})
+        s = out.setdefault(
+            f"{v.kernel} sm_{v.arch}",
+            {"variants": 0, "max_regs": 0, "max_shared_kib": 0.0, "max_spill_bytes": 0, "failures": 0},
+        )
         s["variants"] += 1
         s["max_regs"] = max(s["max_regs"], v.regs)
         s["max_shared_kib"] = max(s["max_shared_kib"], round(v.shared / 1024, 1))
@@ -485,8 +520,18 @@ def _run_children(archs, quick: bool) -> list[Variant]:
     with tempfile.TemporaryDirectory(prefix="vqk-gpu-compile-") as tmp:
         for arch in archs:
             out = os.path.join(tmp, f"sm_{arch}.json")
-            cmd = [sys.executable, "-m", "vqkernels.triton.gpu_compile", "--arch", str(arch), "--json", out,
-                   "--jobs", "1", "--quiet"] + (["--quick"] if quick else [])
+            cmd = [
+                sys.executable,
+                "-m",
+                "vqkernels.triton.gpu_compile",
+                "--arch",
+                str(arch),
+                "--json",
+                out,
+                "--jobs",
+                "1",
+                "--quiet",
+            ] + (["--quick"] if quick else [])
             procs.append((arch, out, subprocess.Popen(cmd)))
         variants = []
         for arch, out, p in procs:
@@ -533,17 +578,24 @@ def main(argv=None) -> int:
         print(table(variants))
     summ = summary(variants)
     if not args.quiet or args.jobs > 1:
-        print(f"triton {triton.__version__}: {len(variants)} variants for "
-              f"{', '.join(f'sm_{a}' for a in args.arch)} in {elapsed:.0f} s")
+        print(
+            f"triton {triton.__version__}: {len(variants)} variants for "
+            f"{', '.join(f'sm_{a}' for a in args.arch)} in {elapsed:.0f} s"
+        )
         for key, s in sorted(summ.items()):
-            print(f"  {key:<28} {s['variants']:>4} variants  max {s['max_regs']:>3} regs  "
-                  f"max {s['max_shared_kib']:>6.1f} KiB smem  max spill {s['max_spill_bytes']} B  "
-                  f"{s['failures']} failed")
+            print(
+                f"  {key:<28} {s['variants']:>4} variants  max {s['max_regs']:>3} regs  "
+                f"max {s['max_shared_kib']:>6.1f} KiB smem  max spill {s['max_spill_bytes']} B  "
+                f"{s['failures']} failed"
+            )
     failed = [v for v in variants if v.problems()]
     if not args.quiet or args.jobs > 1:
         for v in failed:
-            print(f"FAIL {v.kernel} sm_{v.arch} {v.dtype} {v.layout} {_tile(v)} {' '.join(v.specialised)}: "
-                  f"{'; '.join(v.problems())}", file=sys.stderr)
+            print(
+                f"FAIL {v.kernel} sm_{v.arch} {v.dtype} {v.layout} {_tile(v)} {' '.join(v.specialised)}: "
+                f"{'; '.join(v.problems())}",
+                file=sys.stderr,
+            )
             print(f"     requested by: {sorted(v.tags)[:3]}", file=sys.stderr)
     if args.json:
         rows = []
@@ -555,8 +607,17 @@ def main(argv=None) -> int:
             rows.append(d)
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"triton": triton.__version__, "archs": args.arch, "elapsed_s": elapsed,
-                       "summary": summ, "variants": rows}, f, indent=1)
+            json.dump(
+                {
+                    "triton": triton.__version__,
+                    "archs": args.arch,
+                    "elapsed_s": elapsed,
+                    "summary": summ,
+                    "variants": rows,
+                },
+                f,
+                indent=1,
+            )
         os.replace(tmp, args.json)
     return 1 if failed else 0
 

@@ -194,7 +194,15 @@ def sum_squares(cols: Tensor) -> Tensor:
         return sq
     bk, bd = (1024, 128) if interpreting() else SUM_SQUARES_TILE
     wrap_triton(kernels.sum_squares_kernel)[(triton.cdiv(k, bk),)](
-        cols, sq, k, d, cols.stride(0), BK=bk, BD=bd, num_warps=4, num_stages=1,
+        cols,
+        sq,
+        k,
+        d,
+        cols.stride(0),
+        BK=bk,
+        BD=bd,
+        num_warps=4,
+        num_stages=1,
     )
     return sq
 
@@ -204,8 +212,9 @@ def key_terms(cols: Tensor, metric: str) -> tuple[Tensor, Tensor, Tensor]:
     return numerics.key_terms(cols, metric, sq=sum_squares(cols))
 
 
-def _search_partials(rows: Tensor, cols: Tensor, metric: str, t: int, exact: bool,
-                     sample: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, int, Tensor]:
+def _search_partials(
+    rows: Tensor, cols: Tensor, metric: str, t: int, exact: bool, sample: tuple[int, int] | None = None
+) -> tuple[Tensor, Tensor, int, Tensor]:
     """Run the search kernel: ``(pv [S, N, TP], pi [S, N, TP], S, cnorm64 [K])``. Features must be contiguous."""
     n, d = rows.shape
     k = cols.shape[0]
@@ -231,13 +240,34 @@ def _search_partials(rows: Tensor, cols: Tensor, metric: str, t: int, exact: boo
     grid = (triton.cdiv(n, cfg.bm), s)
     aligned = _aligned((d, rows.stride(0), cols.stride(0)), (rows, cols))
     wrap_triton(kernels.search_kernel if aligned else kernels.search_kernel_any)[grid](
-        rows, cols, w, o, rs, rt, pv, pi,
-        n, k, d, rows.stride(0), cols.stride(0), per_split, seed_row, seed_col,
+        rows,
+        cols,
+        w,
+        o,
+        rs,
+        rt,
+        pv,
+        pi,
+        n,
+        k,
+        d,
+        rows.stride(0),
+        cols.stride(0),
+        per_split,
+        seed_row,
+        seed_col,
         int(sample is not None and metric == "l2"),
-        TP=tp, SAMPLE=sample is not None,
+        TP=tp,
+        SAMPLE=sample is not None,
         UPCAST=interpreting() and rows.dtype != torch.float64,  # fp64 dots under the interpreter (kernels.py)
-        PRECISION=_precision(rows.dtype, exact or sample is not None), ACC_FP64=acc == torch.float64, ONE_D=d <= cfg.bd,
-        BM=cfg.bm, BN=cfg.bn, BD=cfg.bd, num_warps=cfg.warps, num_stages=cfg.stages,
+        PRECISION=_precision(rows.dtype, exact or sample is not None),
+        ACC_FP64=acc == torch.float64,
+        ONE_D=d <= cfg.bd,
+        BM=cfg.bm,
+        BN=cfg.bn,
+        BD=cfg.bd,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     return pv, pi, s, cnorm
 
@@ -254,8 +284,9 @@ def exact_candidates() -> int:
     return _env_int("VQK_TRITON_EXACT_CANDIDATES", EXACT_LIST, 1, EXACT_LIST)
 
 
-def _finalize(x: Tensor, codebook: Tensor, metric: str, exact: bool,
-              gather: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+def _finalize(
+    x: Tensor, codebook: Tensor, metric: str, exact: bool, gather: bool
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """Search + finalize: ``(codes, z_q or None, dist, counts or None)``."""
     n, d = x.shape
     k = codebook.shape[0]
@@ -277,9 +308,26 @@ def _finalize(x: Tensor, codebook: Tensor, metric: str, exact: bool,
         kernel = kernels.finalize_kernel if aligned else kernels.finalize_kernel_any
         wrap_triton(kernel)[grid](
             # without gather, stand-ins of the same types (never touched) keep one compiled variant for both ops
-            x, codebook, pv, pi, codes, dist, zq if gather else codebook, counts if gather else codes,
-            n, d, s, x.stride(0), codebook.stride(0), metric_code(metric), int(gather),
-            ACC_FP64=acc == torch.float64, BM=f.bm, BD=f.bd, num_warps=warps, num_stages=1,
+            x,
+            codebook,
+            pv,
+            pi,
+            codes,
+            dist,
+            zq if gather else codebook,
+            counts if gather else codes,
+            n,
+            d,
+            s,
+            x.stride(0),
+            codebook.stride(0),
+            metric_code(metric),
+            int(gather),
+            ACC_FP64=acc == torch.float64,
+            BM=f.bm,
+            BD=f.bd,
+            num_warps=warps,
+            num_stages=1,
         )
         return codes, zq, dist, counts
     cmax = cnorm.max().reshape(1)
@@ -293,17 +341,66 @@ def _finalize(x: Tensor, codebook: Tensor, metric: str, exact: bool,
     flag = torch.empty(n, dtype=torch.int8, device=x.device)
     kernel = kernels.exact_kernel if aligned else kernels.exact_kernel_any
     wrap_triton(kernel)[grid](
-        x, codebook, pv, pi, rxn, rcn, cmax, codes, dist, flag, n, k, d, s, x.stride(0), codebook.stride(0), gamma,
-        metric_code(metric), exact_candidates(),
-        TP=top, ACC_FP64=acc == torch.float64, BM=f.bm, BD=f.bd, BDX=f.bdx, num_warps=warps, num_stages=1,
+        x,
+        codebook,
+        pv,
+        pi,
+        rxn,
+        rcn,
+        cmax,
+        codes,
+        dist,
+        flag,
+        n,
+        k,
+        d,
+        s,
+        x.stride(0),
+        codebook.stride(0),
+        gamma,
+        metric_code(metric),
+        exact_candidates(),
+        TP=top,
+        ACC_FP64=acc == torch.float64,
+        BM=f.bm,
+        BD=f.bd,
+        BDX=f.bdx,
+        num_warps=warps,
+        num_stages=1,
     )
     wrap_triton(kernels.rescan_kernel)[grid](
-        x, codebook, rxn, rcn, codes, dist, flag, n, k, d, x.stride(0), codebook.stride(0), metric_code(metric),
-        BM=f.bm, BNR=f.bnr, BDR=f.bdr, num_warps=4, num_stages=1,
+        x,
+        codebook,
+        rxn,
+        rcn,
+        codes,
+        dist,
+        flag,
+        n,
+        k,
+        d,
+        x.stride(0),
+        codebook.stride(0),
+        metric_code(metric),
+        BM=f.bm,
+        BNR=f.bnr,
+        BDR=f.bdr,
+        num_warps=4,
+        num_stages=1,
     )
     if gather:
         wrap_triton(kernels.gather_kernel)[grid](
-            codebook, codes, zq, counts, n, d, codebook.stride(0), BM=f.bm, BD=f.bd, num_warps=8, num_stages=1,
+            codebook,
+            codes,
+            zq,
+            counts,
+            n,
+            d,
+            codebook.stride(0),
+            BM=f.bm,
+            BD=f.bd,
+            num_warps=8,
+            num_stages=1,
         )
     return codes, zq, dist, counts
 
@@ -321,8 +418,7 @@ def nearest_code_triton(x: Tensor, codebook: Tensor, metric: str, exact: bool) -
 
 
 @triton_op("vqkernels::quantize_triton", mutates_args=())
-def quantize_triton(x: Tensor, codebook: Tensor, metric: str,
-                    exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def quantize_triton(x: Tensor, codebook: Tensor, metric: str, exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     codes, zq, dist, counts = _finalize(x, codebook, metric, exact, gather=True)
     return codes, zq, dist, counts
 
@@ -332,8 +428,9 @@ def code_stats_triton(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor,
     n, d = x.shape
     acc = acc_dtype(x.dtype)
     if _eager(x, codes) and n and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
-        raise ValueError(f"codes must lie in [0, num_codes = {num_codes}); got values in "
-                         f"[{int(codes.min())}, {int(codes.max())}]")
+        raise ValueError(
+            f"codes must lie in [0, num_codes = {num_codes}); got values in [{int(codes.min())}, {int(codes.max())}]"
+        )
     sums = torch.zeros((num_codes, d), dtype=acc, device=x.device)
     counts = torch.zeros(num_codes, dtype=torch.int64, device=x.device)
     if n == 0:
@@ -345,8 +442,18 @@ def code_stats_triton(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor,
     aligned = _aligned((d, x.stride(0)), (x,))
     kernel = kernels.code_stats_kernel if aligned else kernels.code_stats_kernel_any
     wrap_triton(kernel)[(triton.cdiv(n, br), triton.cdiv(d, bd))](
-        x, codes, sums, counts, n, d, x.stride(0), ACC_FP64=acc == torch.float64, BR=br, BD=bd,
-        num_warps=warps, num_stages=1,
+        x,
+        codes,
+        sums,
+        counts,
+        n,
+        d,
+        x.stride(0),
+        ACC_FP64=acc == torch.float64,
+        BR=br,
+        BD=bd,
+        num_warps=warps,
+        num_stages=1,
     )
     return sums, counts
 
