@@ -87,53 +87,12 @@ def test_bench_quick_json(tmp_path):
 def test_bench_time_limit_stops_between_cases_with_a_complete_json(tmp_path):
     """--time-limit starts no case after the limit; the JSON (rewritten whole after every case) says so."""
     out = tmp_path / "b.json"
-    assert (
-        bench.main(
-            [
-                "--quick",
-                "--device",
-                "cpu",
-                "--json",
-                out,
-                "--min-time",
-                "0.01",
-                "--metric",
-                "dot",
-                "--dtype",
-                "fp32",
-                "--time-limit",
-                "0",
-                "--backend",
-                "torch",
-            ]
-        )
-        == 0
-    )
+    args = ["--quick", "--device", "cpu", "--json", out, "--min-time", "0.01", "--metric", "dot", "--dtype", "fp32"]
+    assert bench.main([*args, "--backend", "torch", "--time-limit", "0"]) == 0
     result = json.loads(out.read_text())
     assert result["rows"] == [] and result["config"]["complete"] is False
     assert not list(tmp_path.glob("*.tmp"))
-    assert (
-        bench.main(
-            [
-                "--quick",
-                "--device",
-                "cpu",
-                "--json",
-                out,
-                "--min-time",
-                "0.01",
-                "--metric",
-                "dot",
-                "--dtype",
-                "fp32",
-                "--time-limit",
-                "600",
-                "--backend",
-                "torch",
-            ]
-        )
-        == 0
-    )
+    assert bench.main([*args, "--backend", "torch", "--time-limit", "600"]) == 0
     result = json.loads(out.read_text())
     assert result["config"]["complete"] is True and result["config"]["cases_done"] == len(bench.QUICK_SHAPES)
     assert {tuple(r["shape"]) for r in result["rows"]} == set(bench.QUICK_SHAPES)

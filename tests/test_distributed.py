@@ -36,17 +36,16 @@ def _make(kind: str, anchor: str | None, **kw):
     return VectorQuant(8, 16, replace_freq=2, affine_mode="running", **common)
 
 
+def _init_group(rank: int, store: str) -> None:
+    # a file store: no port to race for; a timeout turns a collective mismatch into an error, not a hang
+    timeout = datetime.timedelta(seconds=TIMEOUT_S // 2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timeout)
+
+
 def _worker(rank, store, out_dir, kind, anchor, empty_rank, train):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    # a file store: no port to race for; a timeout turns a collective mismatch into an error, not a hang
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S // 2),
-    )
+    _init_group(rank, store)
     try:
         layer = _make(kind, anchor)
         model = torch.nn.parallel.DistributedDataParallel(layer) if train else layer
@@ -116,14 +115,7 @@ def _single_process(anchor):
 
 def _det_worker(rank, store, out_dir):
     torch.set_num_threads(1)
-    # a file store: no port to race for; a timeout turns a collective mismatch into an error, not a hang
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S // 2),
-    )
+    _init_group(rank, store)
     try:
         torch.manual_seed(0)
         layer = _single_process("closest")

@@ -40,9 +40,7 @@ PRESETS: dict[str, tuple[Shape, ...]] = {
 }
 """Shape presets (N rows x K codes x D features) named after the workloads they stand for."""
 
-PRESET_L2_ONLY: dict[str, frozenset[Shape]] = {
-    "cpu-default": frozenset({(65536, 4096, 64), (16384, 16384, 256)}),
-}
+PRESET_L2_ONLY: dict[str, frozenset[Shape]] = {"cpu-default": frozenset({(65536, 4096, 64), (16384, 16384, 256)})}
 """Shapes a preset runs with l2 only unless ``--metric`` says otherwise: cosine and dot take the same kernels with
 another epilogue, and timing them at every large shape would take the CPU default past a few minutes."""
 

@@ -76,7 +76,7 @@ def _norm_upper(sq):
     """An upper bound of ``sqrt(sq)`` (fp64 ``sq >= 0``) within ~2^-18 relative, without an fp64 square root,
     whose slow path is a call that costs a stack frame. For the rounding bound of exact mode only."""
     s = tl.minimum(tl.maximum(sq, 1e-30), 1e30)
-    r = tl.sqrt(s.to(tl.float32)).to(tl.float64) * (1.0 + 2.0**-18)  # approx sqrt: error < 2^-21, plus rounding
+    r = tl.sqrt(s.to(tl.float32)).to(tl.float64) * (1.0 + 2.0 ** -18)  # approx sqrt: error < 2^-21, plus rounding
     # sqrt(sq) <= sq / 1e15 once sq > 1e30
     return tl.where(sq > 1e30, sq * 1e-15, r)
 
@@ -138,30 +138,8 @@ def _insert4(v0, i0, v1, i1, v2, i2, v3, i3, v, i):
 
 
 @triton.jit
-def _epilogue(
-    acc,
-    w,
-    o,
-    v0,
-    i0,
-    v1,
-    i1,
-    v2,
-    i2,
-    v3,
-    i3,
-    kb,
-    k_hi,
-    rows,
-    rs,
-    rt,
-    seed_row,
-    seed_col,
-    clamp,
-    TP: tl.constexpr,
-    SAMPLE: tl.constexpr,
-    BN: tl.constexpr,
-):
+def _epilogue(acc, w, o, v0, i0, v1, i1, v2, i2, v3, i3, kb, k_hi, rows, rs, rt, seed_row, seed_col, clamp,
+              TP: tl.constexpr, SAMPLE: tl.constexpr, BN: tl.constexpr):
     """Keys of one ``[BM, BN]`` block of dot products (codes ``kb + j``, key terms ``w``, ``o`` ``[BN]``) merged
     into the running minimum (TP = 1: ``v0, i0``) or top-4 list (TP = 4)."""
     BM: tl.constexpr = acc.shape[0]
@@ -193,32 +171,10 @@ def _epilogue(
 # The fused search.
 # ---------------------------------------------------------------------------------------------------------------
 def search_kernel(
-    X,
-    C,
-    W,
-    OFF,
-    RS,
-    RT,
-    PV,
-    PI,  # rows [N, D], codes [K, D], key terms [K], row terms [N] (sampling), partials
-    N,
-    K,
-    D,
-    stride_xn,
-    stride_cn,
-    codes_per_split,
-    seed_row,
-    seed_col,
-    clamp,
-    TP: tl.constexpr,
-    SAMPLE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    ONE_D: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BD: tl.constexpr,
+    X, C, W, OFF, RS, RT, PV, PI,  # rows [N, D], codes [K, D], key terms [K], row terms [N] (sampling), partials
+    N, K, D, stride_xn, stride_cn, codes_per_split, seed_row, seed_col, clamp,
+    TP: tl.constexpr, SAMPLE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_FP64: tl.constexpr, ONE_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
     """The smallest (TP = 1) or 4 smallest (TP = 4) (key, code) per row over codes ``[pid_s * codes_per_split,
     ...)`` into ``PV/PI [S, N, TP]``. Features are contiguous (stride 1) in both X and C."""
@@ -252,42 +208,16 @@ def search_kernel(
         for kb in range(k_lo, k_hi, BN):
             cols = kb + tl.arange(0, BN)
             cmask = cols < k_hi
-            b = tl.load(
-                C + (cols.to(tl.int64) * stride_cn)[:, None] + dd[None, :],
-                mask=cmask[:, None] & (dd[None, :] < D),
-                other=0.0,
-            )
+            b = tl.load(C + (cols.to(tl.int64) * stride_cn)[:, None] + dd[None, :],
+                        mask=cmask[:, None] & (dd[None, :] < D), other=0.0)
             if UPCAST:
                 b = b.to(tl.float64)
-            acc = tl.dot(
-                a_once, tl.trans(b), tl.zeros([BM, BN], dtype=dot_t), input_precision=PREC, out_dtype=dot_t
-            ).to(acc_t)
+            acc = tl.dot(a_once, tl.trans(b), tl.zeros([BM, BN], dtype=dot_t), input_precision=PREC,
+                         out_dtype=dot_t).to(acc_t)
             w = tl.load(W + cols, mask=cmask, other=0.0).to(acc_t)
             o = tl.load(OFF + cols, mask=cmask, other=0.0).to(acc_t)
-            v0, i0, v1, i1, v2, i2, v3, i3 = _epilogue(
-                acc,
-                w,
-                o,
-                v0,
-                i0,
-                v1,
-                i1,
-                v2,
-                i2,
-                v3,
-                i3,
-                kb,
-                k_hi,
-                rows,
-                rs,
-                rt,
-                seed_row,
-                seed_col,
-                clamp,
-                TP,
-                SAMPLE,
-                BN,
-            )
+            v0, i0, v1, i1, v2, i2, v3, i3 = _epilogue(acc, w, o, v0, i0, v1, i1, v2, i2, v3, i3, kb, k_hi, rows,
+                                                       rs, rt, seed_row, seed_col, clamp, TP, SAMPLE, BN)
     else:
         # One flat loop over (code block, feature step), as a persistent GEMM walks its K loop: the pipeliner
         # prefetches the next code block's first tiles while a block's epilogue runs, and registers and shared
@@ -313,30 +243,9 @@ def search_kernel(
             w = tl.load(W + cols, mask=cmask, other=0.0).to(acc_t)
             o = tl.load(OFF + cols, mask=cmask, other=0.0).to(acc_t)
             if d0 + BD >= D:  # the block's last feature step: epilogue, then a fresh accumulator
-                v0, i0, v1, i1, v2, i2, v3, i3 = _epilogue(
-                    acc.to(acc_t),
-                    w,
-                    o,
-                    v0,
-                    i0,
-                    v1,
-                    i1,
-                    v2,
-                    i2,
-                    v3,
-                    i3,
-                    kb,
-                    k_hi,
-                    rows,
-                    rs,
-                    rt,
-                    seed_row,
-                    seed_col,
-                    clamp,
-                    TP,
-                    SAMPLE,
-                    BN,
-                )
+                v0, i0, v1, i1, v2, i2, v3, i3 = _epilogue(acc.to(acc_t), w, o, v0, i0, v1, i1, v2, i2, v3, i3, kb,
+                                                           k_hi, rows, rs, rt, seed_row, seed_col, clamp, TP, SAMPLE,
+                                                           BN)
                 acc = tl.zeros([BM, BN], dtype=dot_t)
     prow = _rows64(rows, TP) + _rows64(pid_s, N) * TP
     tl.store(PV + prow, v0, mask=rmask)
@@ -397,24 +306,8 @@ def _rescore64(X, C, RCN, xrow, codes, ok, D, stride_cn, rxn, metric, BM: tl.con
 
 
 def finalize_kernel(
-    X,
-    C,
-    PV,
-    PI,
-    CODES,
-    DIST,
-    ZQ,
-    COUNTS,
-    N,
-    D,
-    S,
-    stride_xn,
-    stride_cn,
-    metric,
-    gather,
-    ACC_FP64: tl.constexpr,
-    BM: tl.constexpr,
-    BD: tl.constexpr,
+    X, C, PV, PI, CODES, DIST, ZQ, COUNTS, N, D, S, stride_xn, stride_cn, metric, gather,
+    ACC_FP64: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
 ):
     """Fast path, per row: merge the S partial minima, the distance, and with ``gather`` z_q (``ZQ [N, D]``
     contiguous) and the histogram. ``metric``: 0 l2, 1 cosine, 2 dot."""
@@ -437,7 +330,8 @@ def finalize_kernel(
     xsq = tl.zeros([BM], dtype=acc_t)
     for d0 in tl.range(0, D, BD):
         feat = d0 + dd
-        xa = tl.load(X + xrow[:, None] + feat[None, :], mask=rmask[:, None] & (feat < D)[None, :], other=0.0).to(acc_t)
+        xa = tl.load(X + xrow[:, None] + feat[None, :], mask=rmask[:, None] & (feat < D)[None, :],
+                     other=0.0).to(acc_t)
         xsq += tl.sum(xa * xa, 1)
     dist = key0  # dot
     if metric == 0:
@@ -474,30 +368,8 @@ def gather_kernel(C, CODES, ZQ, COUNTS, N, D, stride_cn, BM: tl.constexpr, BD: t
 
 
 def exact_kernel(
-    X,
-    C,
-    PV,
-    PI,
-    RXN,
-    RCN,
-    CMAX,
-    CODES,
-    DIST,
-    FLAG,
-    N,
-    K,
-    D,
-    S,
-    stride_xn,
-    stride_cn,
-    gamma,
-    metric,
-    n_cand,
-    TP: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    BM: tl.constexpr,
-    BD: tl.constexpr,
-    BDX: tl.constexpr,
+    X, C, PV, PI, RXN, RCN, CMAX, CODES, DIST, FLAG, N, K, D, S, stride_xn, stride_cn, gamma, metric, n_cand,
+    TP: tl.constexpr, ACC_FP64: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDX: tl.constexpr,
 ):
     """Exact mode, per row: merge the S partial top-4 lists, re-score the first ``n_cand`` (<= 4) candidates
     inside the rounding bound in fp64 (``CODES``, ``DIST``), and set ``FLAG`` where the ``n_cand``-th candidate is
@@ -525,9 +397,8 @@ def exact_kernel(
     xsq = tl.zeros([BM], dtype=tl.float64)
     for d0 in tl.range(0, D, BD):
         feat = d0 + dd
-        xa = tl.load(X + xrow[:, None] + feat[None, :], mask=rmask[:, None] & (feat < D)[None, :], other=0.0).to(
-            tl.float64
-        )
+        xa = tl.load(X + xrow[:, None] + feat[None, :], mask=rmask[:, None] & (feat < D)[None, :],
+                     other=0.0).to(tl.float64)
         xsq += tl.sum(xa * xa, 1)
     xn = _norm_upper(xsq)
     cmax = tl.load(CMAX)
@@ -559,24 +430,8 @@ def exact_kernel(
     tl.store(FLAG + rows, overflow.to(tl.int8), mask=rmask)
 
 
-def rescan_kernel(
-    X,
-    C,
-    RXN,
-    RCN,
-    CODES,
-    DIST,
-    FLAG,
-    N,
-    K,
-    D,
-    stride_xn,
-    stride_cn,
-    metric,
-    BM: tl.constexpr,
-    BNR: tl.constexpr,
-    BDR: tl.constexpr,
-):
+def rescan_kernel(X, C, RXN, RCN, CODES, DIST, FLAG, N, K, D, stride_xn, stride_cn, metric,
+                  BM: tl.constexpr, BNR: tl.constexpr, BDR: tl.constexpr):
     """fp64 distance of each flagged row (rare: near-duplicate codes) to every code, one row at a time, in
     ``[BNR, BDR]`` tiles (runtime loops over codes and features): its minimum, ties to the lowest code. A block
     without flagged rows exits after one load. (Written out, not in helpers: the interpreter pays for every
@@ -606,9 +461,8 @@ def rescan_kernel(
                             feat = d0 + dd
                             fm = feat < D
                             xa = tl.load(X + xrow + feat, mask=fm, other=0.0).to(tl.float64)
-                            ca = tl.load(
-                                C + crow[:, None] + feat[None, :], mask=cm[:, None] & fm[None, :], other=0.0
-                            ).to(tl.float64)
+                            ca = tl.load(C + crow[:, None] + feat[None, :], mask=cm[:, None] & fm[None, :],
+                                         other=0.0).to(tl.float64)
                             if metric == 0:  # l2 as sum (x - c)^2: no cancellation
                                 diff = xa[None, :] - ca
                                 acc += tl.sum(diff * diff, 1)
@@ -632,16 +486,8 @@ def rescan_kernel(
 # code_stats
 # ---------------------------------------------------------------------------------------------------------------
 def code_stats_kernel(
-    X,
-    CODES,
-    SUMS,
-    COUNTS,
-    N,
-    D,
-    stride_xn,
-    ACC_FP64: tl.constexpr,
-    BR: tl.constexpr,
-    BD: tl.constexpr,
+    X, CODES, SUMS, COUNTS, N, D, stride_xn,
+    ACC_FP64: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
 ):
     """Per-code sums ``SUMS [K, D]`` and counts of the rows ``X [N, D]`` (features contiguous) by ``CODES``."""
     pid_r = tl.program_id(0)
@@ -653,9 +499,8 @@ def code_stats_kernel(
     acc_t: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     dcols = pid_d * BD + tl.arange(0, BD)
     dm = dcols < D
-    xa = tl.load(
-        X + _rows64(rows, stride_xn)[:, None] + dcols[None, :], mask=rmask[:, None] & dm[None, :], other=0.0
-    ).to(acc_t)
+    xa = tl.load(X + _rows64(rows, stride_xn)[:, None] + dcols[None, :], mask=rmask[:, None] & dm[None, :],
+                 other=0.0).to(acc_t)
     # row i of eq @ x is the sum of the block's rows with row i's code: exact products (0/1 weights), "ieee" so
     # fp32 is not rounded to tf32
     sums = tl.dot(eq.to(acc_t), xa, input_precision="ieee", out_dtype=acc_t)
@@ -700,26 +545,18 @@ def _twins(fn, always: list[str], layout_ints: list[str], layout_ptrs: list[str]
 
 
 search_kernel, search_kernel_any = _twins(
-    search_kernel,
-    ["N", "K", "codes_per_split", "seed_row", "seed_col", "clamp"],
-    ["D", "stride_xn", "stride_cn"],
-    ["X", "C"],
-)
+    search_kernel, ["N", "K", "codes_per_split", "seed_row", "seed_col", "clamp"], ["D", "stride_xn", "stride_cn"],
+    ["X", "C"])
 finalize_kernel, finalize_kernel_any = _twins(
-    finalize_kernel, ["N", "S", "metric", "gather"], ["D", "stride_xn", "stride_cn"], ["X", "C"]
-)
+    finalize_kernel, ["N", "S", "metric", "gather"], ["D", "stride_xn", "stride_cn"], ["X", "C"])
 exact_kernel, exact_kernel_any = _twins(
-    exact_kernel, ["N", "K", "S", "metric", "n_cand"], ["D", "stride_xn", "stride_cn"], ["X", "C"]
-)
+    exact_kernel, ["N", "K", "S", "metric", "n_cand"], ["D", "stride_xn", "stride_cn"], ["X", "C"])
 # the rare paths of exact mode: never specialised
-rescan_kernel = triton.jit(
-    do_not_specialize=["N", "K", "D", "stride_xn", "stride_cn", "metric"], do_not_specialize_on_alignment=["X", "C"]
-)(rescan_kernel)
+rescan_kernel = triton.jit(do_not_specialize=["N", "K", "D", "stride_xn", "stride_cn", "metric"],
+                           do_not_specialize_on_alignment=["X", "C"])(rescan_kernel)
 gather_kernel = triton.jit(do_not_specialize=["N", "D", "stride_cn"], do_not_specialize_on_alignment=["C", "ZQ"])(
-    gather_kernel
-)
+    gather_kernel)
 code_stats_kernel, code_stats_kernel_any = _twins(code_stats_kernel, ["N"], ["D", "stride_xn"], ["X"])
 # one pass over the codebook, negligible beside the search: never specialised
 sum_squares_kernel = triton.jit(do_not_specialize=["K", "D", "stride_cn"], do_not_specialize_on_alignment=["C"])(
-    sum_squares_kernel
-)
+    sum_squares_kernel)

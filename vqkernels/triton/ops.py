@@ -194,15 +194,7 @@ def sum_squares(cols: Tensor) -> Tensor:
         return sq
     bk, bd = (1024, 128) if interpreting() else SUM_SQUARES_TILE
     wrap_triton(kernels.sum_squares_kernel)[(triton.cdiv(k, bk),)](
-        cols,
-        sq,
-        k,
-        d,
-        cols.stride(0),
-        BK=bk,
-        BD=bd,
-        num_warps=4,
-        num_stages=1,
+        cols, sq, k, d, cols.stride(0), BK=bk, BD=bd, num_warps=4, num_stages=1
     )
     return sq
 
@@ -390,17 +382,7 @@ def _finalize(
     )
     if gather:
         wrap_triton(kernels.gather_kernel)[grid](
-            codebook,
-            codes,
-            zq,
-            counts,
-            n,
-            d,
-            codebook.stride(0),
-            BM=f.bm,
-            BD=f.bd,
-            num_warps=8,
-            num_stages=1,
+            codebook, codes, zq, counts, n, d, codebook.stride(0), BM=f.bm, BD=f.bd, num_warps=8, num_stages=1
         )
     return codes, zq, dist, counts
 
