@@ -13,9 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .numerics import (
+# EXACT_SAFETY, sum_squares, unit_roundoff and exact_distance (now paired_distances) lived here before
+# vqkernels.numerics held them; they stay importable from here.
+from .numerics import (  # noqa: F401
     CHUNK_ELEMS,
     COS_EPS,
+    EXACT_SAFETY,
     acc_dtype,
     check_finite,
     exact_gamma,
@@ -25,7 +28,12 @@ from .numerics import (
     key_terms,
     paired_distances,
     seed_from_schema,
+    sum_squares,
+    unit_roundoff,
 )
+from .numerics import paired_distances as exact_distance  # noqa: F401
+
+__all__ = ["search", "quantize", "code_stats", "sample"]
 
 
 def search(x: Tensor, codebook: Tensor, metric: str = "l2", exact: bool = False) -> tuple[Tensor, Tensor]:
