@@ -98,3 +98,26 @@ def test_ruff_is_pinned_once_for_make_and_pre_commit():
     assert pin and hook and pin.group(1) == hook.group(1), (pin, hook)
     assert "make lint" in (REPO / ".ci" / "run").read_text()
     assert (REPO / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_readme_code_map_lists_every_file():
+    """The README's code map has one line per file: a file added without a line there fails here."""
+    import subprocess
+
+    try:
+        tracked = subprocess.run(
+            ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True, timeout=60
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("One line per file:") :].split("```")[1]
+    listed = {line.split()[0] for line in block.splitlines() if line.strip()}
+    missing = [
+        f
+        for f in tracked
+        if f not in listed and not f.startswith("benchmarks/results/") and f not in ("README.md", ".gitignore")
+    ]
+    assert not missing, missing
+    stale = [p for p in listed if not p.endswith("/") and p not in tracked]
+    assert not stale, stale
