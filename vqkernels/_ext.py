@@ -24,3 +24,45 @@ def available() -> bool:
 def with_cuda() -> bool:
     """True when the extension was compiled with its CUDA ops."""
     return C is not None and bool(getattr(C, "with_cuda", 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The C++ CPU op's kernel choice (csrc/cpu/cpu_features.cpp): which tile GEMM and which epilogue run for a dtype on
+# this CPU, and every combination that can run here. The environment forces a choice: VQK_CPU_TILE
+# (auto|brgemm|avx512bf16) and VQK_CPU_EPILOGUE (auto|avx512|avx2|neon|scalar); the C++ op reads them per call.
+# ---------------------------------------------------------------------------------------------------------------
+CPU_TILE_ENV = "VQK_CPU_TILE"
+CPU_EPILOGUE_ENV = "VQK_CPU_EPILOGUE"
+
+
+def _plan_pair(text: str) -> dict[str, str]:
+    tile, epilogue = text.split(",")
+    return {"tile": tile, "epilogue": epilogue}
+
+
+def cpu_plan(dtype: str) -> dict[str, str] | None:
+    """``{"tile", "epilogue"}`` the cpu backend runs now for ``dtype`` ("fp32", "bf16", "fp16", "fp64"), under
+    the environment in force; None without the extension."""
+    if C is None or not hasattr(C, "cpu_plan"):
+        return None
+    return _plan_pair(C.cpu_plan(dtype))
+
+
+def cpu_variants(dtype: str) -> list[dict]:
+    """Every (tile kernel, epilogue) the cpu backend can run for ``dtype`` on this CPU, the automatic choice first:
+    ``{"tile", "epilogue", "env"}`` with ``env`` the variables that force it. Empty without the extension."""
+    if C is None or not hasattr(C, "cpu_variants"):
+        return []
+    out = []
+    for pair in C.cpu_variants(dtype).split(";"):
+        v = _plan_pair(pair)
+        v["env"] = {CPU_TILE_ENV: v["tile"], CPU_EPILOGUE_ENV: v["epilogue"]}
+        out.append(v)
+    return out
+
+
+def cpu_features() -> list[str]:
+    """The CPU features the C++ op detected and uses (e.g. avx2, avx512f, avx512bf16, amx_bf16), [] without it."""
+    if C is None or not hasattr(C, "cpu_features"):
+        return []
+    return [f for f in C.cpu_features().split(",") if f]
