@@ -27,8 +27,8 @@ NVCC        ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_ARCHS  ?= 80 90
 CU_SOURCES  := $(wildcard csrc/cuda/*.cu)
 
-.PHONY: all build test bench bench-suite demo info lint format clean cuda-check gpu-compile-check \
-	gpu-compile-check-compat gpu-check
+.PHONY: all build test bench bench-suite demo info lint format clean cpu-check neon-check cuda-check \
+	gpu-compile-check gpu-compile-check-compat gpu-check
 
 all: test
 
@@ -64,6 +64,30 @@ else
 	done; done
 endif
 
+# Compile every C++ source of the CPU ops with warnings as errors (torch's and Python's headers as system headers,
+# whose warnings are not ours), at -O2 so that the flow-sensitive warnings run; the build itself only warns.
+CPP_CHECK_SOURCES := $(wildcard csrc/*.cpp csrc/cpu/*.cpp)
+cpu-check: $(ENV_STAMP)
+	@mkdir -p build/cpu-check
+	@flags="$$($(PYTHON) -c "import re, sysconfig, torch; from torch.utils.cpp_extension import include_paths; \
+	  std = 'c++20' if tuple(map(int, re.match(r'(\d+)\.(\d+)', torch.__version__).groups())) >= (2, 14) else 'c++17'; \
+	  print('-std=' + std, *('-isystem' + p for p in include_paths() + [sysconfig.get_paths()['include']]))")"; \
+	printf '%s\n' $(CPP_CHECK_SOURCES) | xargs -P $(MAX_JOBS) -I{} sh -c \
+	  'echo "g++ -Werror {}"; g++ '"$$flags"' -O2 -fopenmp -Wall -Wextra -Werror -DTORCH_EXTENSION_NAME=_C \
+	   -c {} -o build/cpu-check/$$(basename {} .cpp).o' || exit 1
+
+# The NEON epilogues compile only on aarch64: compile-check them with Debian's cross compiler
+# (g++-aarch64-linux-gnu), which .ci/run installs when it is missing; without it the check says so and passes.
+AARCH64_CXX ?= $(shell command -v aarch64-linux-gnu-g++ 2>/dev/null)
+neon-check:
+ifeq ($(AARCH64_CXX),)
+	@echo "neon-check: aarch64-linux-gnu-g++ not found (apt-get install g++-aarch64-linux-gnu), skipped"
+else
+	@mkdir -p build/neon-check
+	$(AARCH64_CXX) -std=c++17 -O2 -Wall -Wextra -Werror -c csrc/cpu/epilogues_neon.cpp -o build/neon-check/epilogues_neon.o
+	@nm build/neon-check/epilogues_neon.o | grep -q argmin_codes_neon || { echo "neon-check: no NEON kernel compiled"; exit 1; }
+endif
+
 # Compile every Triton variant the launchers request for sm_80 and sm_90 (no GPU: a stand-in driver, an empty
 # cache); fails on a compile error, shared memory over the limit, > 255 registers or a spill.
 GPU_COMPILE_OUT ?= build/gpu-compile
@@ -85,7 +109,7 @@ gpu-compile-check-compat: build $(TRITON_COMPAT_DIR)/.stamp
 	env -u TRITON_INTERPRET PYTHONPATH=$(abspath $(TRITON_COMPAT_DIR)) $(PYTHON) -m vqkernels.triton.gpu_compile \
 	  --arch 80 90 --json $(GPU_COMPILE_OUT)/triton-$(TRITON_COMPAT).json
 
-test: build cuda-check gpu-compile-check
+test: build cpu-check neon-check cuda-check gpu-compile-check
 	$(PYTHON) -m vqkernels.info
 	$(PYTHON) -m pytest tests -q
 

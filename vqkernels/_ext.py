@@ -29,7 +29,7 @@ def with_cuda() -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # The C++ CPU op's kernel choice (csrc/cpu/cpu_features.cpp): which tile GEMM and which epilogue run for a dtype on
 # this CPU, and every combination that can run here. The environment forces a choice: VQK_CPU_TILE
-# (auto|brgemm|avx512bf16) and VQK_CPU_EPILOGUE (auto|avx512|avx2|neon|scalar); the C++ op reads them per call.
+# (auto|brgemm|avx512bf16|gemv) and VQK_CPU_EPILOGUE (auto|avx512|avx2|neon|scalar); the C++ op reads them per call.
 # ---------------------------------------------------------------------------------------------------------------
 CPU_TILE_ENV = "VQK_CPU_TILE"
 CPU_EPILOGUE_ENV = "VQK_CPU_EPILOGUE"
@@ -40,21 +40,23 @@ def _plan_pair(text: str) -> dict[str, str]:
     return {"tile": tile, "epilogue": epilogue}
 
 
-def cpu_plan(dtype: str) -> dict[str, str] | None:
-    """``{"tile", "epilogue"}`` the cpu backend runs now for ``dtype`` ("fp32", "bf16", "fp16", "fp64"), under
-    the environment in force; None without the extension."""
+def cpu_plan(dtype: str, rows: int | None = None) -> dict[str, str] | None:
+    """``{"tile", "epilogue"}`` the cpu backend runs now for a search of ``rows`` input rows (default: a large
+    batch) in ``dtype`` ("fp32", "bf16", "fp16", "fp64"), under the environment in force; None without the
+    extension. Few rows take another tile kernel than many (README "Backends")."""
     if C is None or not hasattr(C, "cpu_plan"):
         return None
-    return _plan_pair(C.cpu_plan(dtype))
+    return _plan_pair(C.cpu_plan(dtype) if rows is None else C.cpu_plan(dtype, rows))
 
 
-def cpu_variants(dtype: str) -> list[dict]:
-    """Every (tile kernel, epilogue) the cpu backend can run for ``dtype`` on this CPU, the automatic choice first:
-    ``{"tile", "epilogue", "env"}`` with ``env`` the variables that force it. Empty without the extension."""
+def cpu_variants(dtype: str, rows: int | None = None) -> list[dict]:
+    """Every (tile kernel, epilogue) the cpu backend can run for a search of ``rows`` input rows in ``dtype`` on
+    this CPU, the automatic choice first: ``{"tile", "epilogue", "env"}`` with ``env`` the variables that force it.
+    Empty without the extension."""
     if C is None or not hasattr(C, "cpu_variants"):
         return []
     out = []
-    for pair in C.cpu_variants(dtype).split(";"):
+    for pair in (C.cpu_variants(dtype) if rows is None else C.cpu_variants(dtype, rows)).split(";"):
         v = _plan_pair(pair)
         v["env"] = {CPU_TILE_ENV: v["tile"], CPU_EPILOGUE_ENV: v["epilogue"]}
         out.append(v)

@@ -1,5 +1,5 @@
-// Shared helpers of the CPU ops: argument checks that name the argument, metric parsing, accumulator types, the
-// key-term pass over stored rows.
+// Shared helpers of the CPU ops: argument checks that name the argument, metric parsing, accumulator types, dtype
+// names, layouts.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 #include <string_view>
 
 #include "../numerics.h"
@@ -41,20 +42,22 @@ inline int64_t env_int(const char* name, int64_t dflt) {
   return std::max<int64_t>(1, std::atoll(v));
 }
 
-// sum_d v_d^2 in fp64 from the stored values (and whether every v_d is finite): the key terms are sums of squares
-// rounded once, not rounded norms squared, so that equidistant codes of exactly representable data tie exactly
-// (README "Method" §1). The pass reads every element anyway, so it also enforces the non-finite policy.
-template <typename scalar_t>
-double sum_squares64(const scalar_t* v, int64_t D, bool* finite) {
-  double s = 0.0;
-  bool ok = true;
-  for (int64_t j = 0; j < D; ++j) {
-    const double a = static_cast<double>(v[j]);
-    ok &= std::isfinite(a);
-    s += a * a;
+// The dtype names of cpu_features.h ("fp32", "bf16", "fp16", "fp64").
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "fp32";
+    case at::kBFloat16: return "bf16";
+    case at::kHalf: return "fp16";
+    case at::kDouble: return "fp64";
+    default: TORCH_CHECK_TYPE(false, "expected float64/float32/bfloat16/float16; got ", t);
   }
-  *finite = ok;
-  return s;
+  return "";
+}
+
+// t itself when its features have unit stride (rows may lie anywhere: a row-strided view is read in place), else a
+// contiguous copy.
+inline at::Tensor rows_unit_stride(const at::Tensor& t) {
+  return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous();
 }
 
 inline void check_float_matrix(const at::Tensor& t, const char* name) {

@@ -1,10 +1,10 @@
 // Epilogues of the CPU tile drivers: what a tile of dot products becomes while it is hot in cache. Each has a
-// portable scalar form here and, where it pays, ISA variants in their own files (epilogues_avx512.cpp), chosen at
-// run time by the dispatching function below; a variant for another ISA is one more file and one more branch.
+// portable scalar form and ISA variants in their own files; the drivers pass the EpilogueKind of cpu_features.h.
 //
-// Search (rows = inputs, columns = codes): the argmin key of code k is w_k (x . c_k) + o_k (README "Method" §1).
-// Columns are visited in increasing order and only a strictly smaller key replaces the best, so ties go to the
-// lowest index. w/o/c0 are offset to the tile's first column.
+// Search: tiles are codes major (tile[j * ld + r] = c_{kb+j} . x_r, epilogue_kernels.h); the argmin and the top-4
+// of exact mode fold every code of the tile into per-row state, ties to the lowest index (README "Method" §1.1).
+// Sampling: tiles are also codes major, and each tile row reduces to that code's running minimum over the input
+// rows (the columns).
 #pragma once
 
 #include <cmath>
@@ -13,72 +13,76 @@
 #include <type_traits>
 
 #include "common.h"
-#include "isa.h"
+#include "cpu_features.h"
 
 namespace vqkernels::cpu {
 
-// ---- argmin (the fast path) -----------------------------------------------------------------------------------
-template <typename acc_t>
-void argmin_tile_scalar(const acc_t* tile, int64_t m, int64_t nb, int64_t ld, const acc_t* w, const acc_t* o,
-                        int64_t kb, acc_t* best, int64_t* bidx) {
-  for (int64_t r = 0; r < m; ++r) {
-    const acc_t* t = tile + r * ld;
-    acc_t b = best[r];
-    int64_t bi = bidx[r];
-    for (int64_t j = 0; j < nb; ++j) {
-      const acc_t key = t[j] * w[j] + o[j];
-      if (key < b) {
-        b = key;
-        bi = kb + j;
-      }
-    }
-    best[r] = b;
-    bidx[r] = bi;
-  }
-}
-
-#ifdef VQK_X86
-void argmin_tile_avx512(const float* tile, int64_t m, int64_t nb, int64_t ld, const float* w, const float* o,
-                        int64_t kb, float* best, int64_t* bidx);
-#endif
-
-template <typename acc_t>
-void argmin_tile(const acc_t* tile, int64_t m, int64_t nb, int64_t ld, const acc_t* w, const acc_t* o, int64_t kb,
-                 acc_t* best, int64_t* bidx) {
-#ifdef VQK_X86
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu_has_avx512()) return argmin_tile_avx512(tile, m, nb, ld, w, o, kb, best, bidx);
-  }
-#endif
-  argmin_tile_scalar(tile, m, nb, ld, w, o, kb, best, bidx);
-}
-
-// ---- exact mode: the kExactCandidates smallest keys per row, sorted by (key, index) ------------------------------
+// (epilogue_kernels.h, whose templates the ISA files compile for their ISA, is not included here: a template
+// defined before an ISA file's target pragma would compile for the baseline.)
 constexpr int kTopT = num::kExactCandidates;
+// The drivers pad the rows of a block (and the tile's row stride) to this: the widest vector epilogue's lanes.
+constexpr int64_t kRowLanes = 16;
+
+// ---- the search epilogues: argmin (the fast path) and top-4 (exact mode), per ISA ------------------------------
+void argmin_codes_scalar(const float* tile, int64_t nb, int64_t ld, int64_t m, const float* w, const float* o,
+                         int32_t kb, float* best, int32_t* bidx);
+void argmin_codes_scalar(const double* tile, int64_t nb, int64_t ld, int64_t m, const double* w, const double* o,
+                         int32_t kb, double* best, int32_t* bidx);
+void top4_codes_scalar(const float* tile, int64_t nb, int64_t ld, int64_t m, const float* w, const float* o,
+                       int32_t kb, float* topv, int32_t* topi, int64_t stride);
+void top4_codes_scalar(const double* tile, int64_t nb, int64_t ld, int64_t m, const double* w, const double* o,
+                       int32_t kb, double* topv, int32_t* topi, int64_t stride);
+#ifdef VQK_X86
+void argmin_codes_avx512(const float* tile, int64_t nb, int64_t ld, int64_t m, const float* w, const float* o,
+                         int32_t kb, float* best, int32_t* bidx);
+void top4_codes_avx512(const float* tile, int64_t nb, int64_t ld, int64_t m, const float* w, const float* o,
+                       int32_t kb, float* topv, int32_t* topi, int64_t stride);
+void argmin_codes_avx2(const float* tile, int64_t nb, int64_t ld, int64_t m, const float* w, const float* o,
+                       int32_t kb, float* best, int32_t* bidx);
+void top4_codes_avx2(const float* tile, int64_t nb, int64_t ld, int64_t m, const float* w, const float* o,
+                     int32_t kb, float* topv, int32_t* topi, int64_t stride);
+#endif
+#ifdef VQK_ARM64
+void argmin_codes_neon(const float* tile, int64_t nb, int64_t ld, int64_t m, const float* w, const float* o,
+                       int32_t kb, float* best, int32_t* bidx);
+void top4_codes_neon(const float* tile, int64_t nb, int64_t ld, int64_t m, const float* w, const float* o,
+                     int32_t kb, float* topv, int32_t* topi, int64_t stride);
+#endif
 
 template <typename acc_t>
-void topk_tile(const acc_t* tile, int64_t m, int64_t nb, int64_t ld, const acc_t* w, const acc_t* o, int64_t kb,
-               acc_t* topv, int64_t* topi) {
-  for (int64_t r = 0; r < m; ++r) {
-    const acc_t* t = tile + r * ld;
-    acc_t* tv = topv + r * kTopT;
-    int64_t* ti = topi + r * kTopT;
-    acc_t thr = tv[kTopT - 1];
-    for (int64_t j = 0; j < nb; ++j) {
-      const acc_t key = t[j] * w[j] + o[j];
-      if (key < thr) {
-        int p = kTopT - 1;
-        while (p > 0 && tv[p - 1] > key) {
-          tv[p] = tv[p - 1];
-          ti[p] = ti[p - 1];
-          --p;
-        }
-        tv[p] = key;
-        ti[p] = kb + j;
-        thr = tv[kTopT - 1];
-      }
+void argmin_codes(EpilogueKind kind, const acc_t* tile, int64_t nb, int64_t ld, int64_t m, const acc_t* w,
+                  const acc_t* o, int32_t kb, acc_t* best, int32_t* bidx) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    switch (kind) {
+#ifdef VQK_X86
+      case EpilogueKind::Avx512: return argmin_codes_avx512(tile, nb, ld, m, w, o, kb, best, bidx);
+      case EpilogueKind::Avx2: return argmin_codes_avx2(tile, nb, ld, m, w, o, kb, best, bidx);
+#endif
+#ifdef VQK_ARM64
+      case EpilogueKind::Neon: return argmin_codes_neon(tile, nb, ld, m, w, o, kb, best, bidx);
+#endif
+      default: break;
     }
   }
+  argmin_codes_scalar(tile, nb, ld, m, w, o, kb, best, bidx);
+}
+
+template <typename acc_t>
+void top4_codes(EpilogueKind kind, const acc_t* tile, int64_t nb, int64_t ld, int64_t m, const acc_t* w,
+                const acc_t* o, int32_t kb, acc_t* topv, int32_t* topi, int64_t stride) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    switch (kind) {
+#ifdef VQK_X86
+      case EpilogueKind::Avx512: return top4_codes_avx512(tile, nb, ld, m, w, o, kb, topv, topi, stride);
+      case EpilogueKind::Avx2: return top4_codes_avx2(tile, nb, ld, m, w, o, kb, topv, topi, stride);
+#endif
+#ifdef VQK_ARM64
+      case EpilogueKind::Neon: return top4_codes_neon(tile, nb, ld, m, w, o, kb, topv, topi, stride);
+#endif
+      default: break;
+    }
+  }
+  top4_codes_scalar(tile, nb, ld, m, w, o, kb, topv, topi, stride);
 }
 
 // fp64 distance of exact mode's candidates, from the values as stored: l2 as sum (x - c)^2 (no cancellation).
@@ -97,7 +101,7 @@ double rescore(const scalar_t* xr, const scalar_t* cr, int64_t D, Metric metric,
   return 1.0 - s / (std::max(xnorm, num::kCosEps) * std::max(cnorm, num::kCosEps));
 }
 
-// ---- sampling (rows = codes, columns = input rows) ------------------------------------------------------------
+// ---- sampling (tile rows = codes, columns = input rows) ----------------------------------------------------------
 // Per code k (tile row r) the running minimum of key - g(seed, k, i) over the input rows i (columns), with
 // key = fma(fma(dot, w_i, o_i), rs_k, rt_k): (w_i, o_i) the key terms of input row i, rs_k = 1 / max(|c_k|, eps)
 // for cosine (else 1), rt_k = |c_k|^2 for l2 (else 0), clamped at 0 for l2: the distance up to a constant per code
@@ -173,12 +177,13 @@ void sample_tile_avx512(const float* tile, int64_t m, int64_t nb, int64_t ld, co
 #endif
 
 template <typename acc_t>
-void sample_tile(const acc_t* tile, int64_t m, int64_t nb, int64_t ld, const acc_t* w, const acc_t* o,
-                 const uint32_t* rkey, int64_t c0, const acc_t* rs, const acc_t* rt, const uint32_t* qkey, bool clamp,
-                 acc_t* best, int64_t* bidx) {
+void sample_tile(EpilogueKind kind, const acc_t* tile, int64_t m, int64_t nb, int64_t ld, const acc_t* w,
+                 const acc_t* o, const uint32_t* rkey, int64_t c0, const acc_t* rs, const acc_t* rt,
+                 const uint32_t* qkey, bool clamp, acc_t* best, int64_t* bidx) {
 #ifdef VQK_X86
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu_has_avx512cd()) return sample_tile_avx512(tile, m, nb, ld, w, o, rkey, c0, rs, rt, qkey, clamp, best, bidx);
+    if (kind == EpilogueKind::Avx512)
+      return sample_tile_avx512(tile, m, nb, ld, w, o, rkey, c0, rs, rt, qkey, clamp, best, bidx);
   }
 #endif
   sample_tile_scalar(tile, m, nb, ld, w, o, rkey, c0, rs, rt, qkey, clamp, best, bidx);

@@ -1,11 +1,13 @@
-// AVX-512 forms of the fp32 epilogues (epilogues.h), compiled for AVX-512 by target attributes and called only
-// after the run-time checks of isa.h.
+// AVX-512 forms of the fp32 epilogues (epilogues.h), called only where cpu_features() reports AVX-512: the
+// sampling epilogue (written here with target attributes) and the search epilogues (epilogue_kernels.h compiled
+// for AVX-512 at the end of the file).
 
 // GCC 12's intrinsic headers build their "undefined" vectors by self-initialisation (`__m512 __Y = __Y;`), which
 // -Wmaybe-uninitialized reports wherever such an intrinsic is inlined: a false positive, silenced before any
 // header (the warning is located in the intrinsic headers, so the pragma must precede them).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 #include "epilogues.h"
@@ -14,43 +16,6 @@
 #include <immintrin.h>
 
 namespace vqkernels::cpu {
-
-__attribute__((target("avx512f"))) void argmin_tile_avx512(const float* tile, int64_t m, int64_t nb, int64_t ld,
-                                                            const float* w, const float* o, int64_t kb,
-                                                            float* best, int64_t* bidx) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i step = _mm512_set1_epi32(16);
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  const int64_t nfull = nb & ~int64_t(15);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (nb - nfull)) - 1u);
-  for (int64_t r = 0; r < m; ++r) {
-    const float* t = tile + r * ld;
-    __m512 mv = inf;
-    __m512i iv = _mm512_setzero_si512();
-    __m512i jv = lane;
-    for (int64_t j = 0; j < nfull; j += 16) {
-      const __m512 key = _mm512_fmadd_ps(_mm512_loadu_ps(t + j), _mm512_loadu_ps(w + j), _mm512_loadu_ps(o + j));
-      const __mmask16 lt = _mm512_cmp_ps_mask(key, mv, _CMP_LT_OQ);
-      mv = _mm512_mask_mov_ps(mv, lt, key);
-      iv = _mm512_mask_mov_epi32(iv, lt, jv);
-      jv = _mm512_add_epi32(jv, step);
-    }
-    if (tail) {
-      const __m512 key = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, t + nfull), _mm512_maskz_loadu_ps(tail, w + nfull),
-                                         _mm512_maskz_loadu_ps(tail, o + nfull));
-      const __mmask16 lt = _mm512_mask_cmp_ps_mask(tail, key, mv, _CMP_LT_OQ);
-      mv = _mm512_mask_mov_ps(mv, lt, key);
-      iv = _mm512_mask_mov_epi32(iv, lt, jv);
-    }
-    const float mn = _mm512_reduce_min_ps(mv);
-    if (mn < best[r]) {
-      // Each lane holds the first index of its own minimum; the lowest index among the minimal lanes wins.
-      const __mmask16 eq = _mm512_cmp_ps_mask(mv, _mm512_set1_ps(mn), _CMP_EQ_OQ);
-      best[r] = mn;
-      bidx[r] = kb + _mm512_mask_reduce_min_epi32(eq, iv);
-    }
-  }
-}
 
 namespace {
 
@@ -121,4 +86,59 @@ __attribute__((target("avx512f,avx512cd"))) void sample_tile_avx512(
 }
 
 }  // namespace vqkernels::cpu
+
+// ---- the search epilogues: epilogue_kernels.h on 16 lanes ---------------------------------------------------------
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512cd,avx512bw,avx512vl,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512cd,avx512bw,avx512vl,avx2,fma")
 #endif
+
+#include "epilogue_kernels.h"
+
+namespace vqkernels::cpu {
+namespace {
+
+struct Avx512 {
+  using T = float;
+  using F = __m512;
+  using I = __m512i;
+  using M = __mmask16;
+  static constexpr int L = 16;
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static void storei(int32_t* p, I v) { _mm512_storeu_si512(p, v); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static I set1i(int32_t v) { return _mm512_set1_epi32(v); }
+  static I iota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static I addi(I a, I b) { return _mm512_add_epi32(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static F sel(M m, F a, F b) { return _mm512_mask_blend_ps(m, b, a); }
+  static I seli(M m, I a, I b) { return _mm512_mask_blend_epi32(m, b, a); }
+  static bool any(M m) { return m != 0; }
+};
+
+}  // namespace
+
+void argmin_codes_avx512(const float* tile, int64_t nb, int64_t ld, int64_t m, const float* w, const float* o,
+                         int32_t kb, float* best, int32_t* bidx) {
+  epilogue::argmin_codes<Avx512>(tile, nb, ld, m, w, o, kb, best, bidx);
+}
+
+void top4_codes_avx512(const float* tile, int64_t nb, int64_t ld, int64_t m, const float* w, const float* o,
+                       int32_t kb, float* topv, int32_t* topi, int64_t stride) {
+  epilogue::top4_codes<Avx512>(tile, nb, ld, m, w, o, kb, topv, topi, stride);
+}
+
+}  // namespace vqkernels::cpu
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // VQK_X86

@@ -1,16 +1,20 @@
-// Fused nearest-code search on the CPU: tiled GEMM + argmin epilogue + gather + usage histogram
-// (README "Method" §1).
+// Fused nearest-code search on the CPU: tiled GEMM + argmin (or top-4) epilogue + gather + usage histogram
+// (README "Method" §1, "Backends").
 //
-// Each thread owns a block of BM input rows (default 256; env VQK_CPU_BM). The tile is BM x BN (BN default 256,
-// env VQK_CPU_BN): 256 KiB of fp32, measured best on a 2-core AVX-512 machine for D = 64 and 256. The codebook
-// streams through in blocks of BN codes; the BM x BN tile of dot products is produced by a single-threaded tile
-// GEMM (tile_gemm.h, bf16_microkernel.h) into a thread-local buffer that stays in L2, and is reduced to a running
-// (min key, index) per row while it is hot (epilogues.h). Nothing of size N x K is ever allocated.
+// Work is a grid of tasks: blocks of BM input rows (default 256, env VQK_CPU_BM; fewer when N is small, so every
+// thread gets rows) times splits of the codebook. With enough row blocks for the threads the codebook is one split
+// and a task owns its rows outright; with few rows (retrieval, N = 1 against a million codes) the codes are split
+// between threads and the per-row results merged in split order with a strict <, which keeps ties on the lowest
+// index. A task packs its block of rows once (tile_gemm.h) and streams its codes through in tiles of BN codes, read
+// where they lie: the tile of dot products, codes major, stays in L2 while the epilogue folds it into per-row state
+// (epilogues.h). Nothing of size N x K is allocated, and the codebook is never copied.
 //
-// Argmin key per code k: key = w_k * (x . c_k) + o_k
-//   l2:     w = -2,         o = |c_k|^2   (|x|^2 is constant per row and added back for the distance)
+// Argmin key per code k: key = w_k (x . c_k) + o_k
+//   l2:     w = -2,                 o = |c_k|^2 (|x|^2 is constant per row and added back for the distance)
 //   cosine: w = -1/max(|c_k|, eps), o = 0
-//   dot:    w = -1,         o = 0
+//   dot:    w = -1,                 o = 0
+// The key terms come from one pass over the codebook, or, when each code tile meets one row block only, from the
+// task that meets it, while the tile is in cache (one pass over a huge codebook instead of two).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,7 +27,10 @@
 
 #include "bf16_microkernel.h"
 #include "common.h"
+#include "cpu_features.h"
 #include "epilogues.h"
+#include "gemv_kernel.h"
+#include "row_norms.h"
 #include "tile_gemm.h"
 
 namespace vqkernels::cpu {
@@ -31,137 +38,271 @@ namespace {
 
 struct Outputs {
   int64_t* codes;
-  void* dist;        // acc_t [N]
-  void* zq;          // scalar_t [N, D] or nullptr
-  int64_t* counts;   // [K] or nullptr
+  void* dist;       // acc_t [N]
+  void* zq;         // scalar_t [N, D] (contiguous) or nullptr
+  int64_t* counts;  // [K] or nullptr
 };
 
-// Per-code key terms (README "Method" §1) and fp64 norms, from the codes as stored.
+int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+// Per-code key terms (README "Method" §1.1) and fp64 norms, from the codes as stored. The norms (a square root per
+// code) only where something reads them: the cosine keys and exact mode.
 template <typename scalar_t>
 struct CodeTerms {
   using acc_t = typename AccOf<scalar_t>::type;
+  Metric metric;
+  bool want_norms;
   std::vector<acc_t> w, o;
-  std::vector<double> cnorm;
-  double cmax = 0.0;
-};
+  std::vector<double> sq, cnorm;
 
-template <typename scalar_t, typename Gemm>
-void search_blocks(const Gemm& gemm, const at::Tensor& x, const at::Tensor& cb, Metric metric, bool exact,
-                   const CodeTerms<scalar_t>& terms, const Outputs& out) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  static_assert(std::is_same_v<acc_t, typename Gemm::acc_t>);
-  const int64_t N = x.size(0), D = x.size(1), K = cb.size(0);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* cp = cb.const_data_ptr<scalar_t>();
-  acc_t* dist = static_cast<acc_t*>(out.dist);
-  scalar_t* zq = static_cast<scalar_t*>(out.zq);
-  const acc_t* w = terms.w.data();
-  const acc_t* o = terms.o.data();
-  const double cmax = terms.cmax;
+  CodeTerms(int64_t K, Metric metric_, bool exact)
+      : metric(metric_), want_norms(exact || metric_ == Metric::Cosine), w(K), o(K), sq(K), cnorm(want_norms ? K : 0) {}
 
-  const int nthreads = at::get_num_threads();
-  const int64_t BN = std::min<int64_t>(K, env_int("VQK_CPU_BN", 256));
-  const int64_t BM = std::min<int64_t>(env_int("VQK_CPU_BM", 256), (N + nthreads - 1) / nthreads);
-  const int64_t nblk = (N + BM - 1) / BM;
-
-  // Per-thread usage histograms merged after the loop (no atomics); above a memory budget, fall back to
-  // a second pass over the codes.
-  const bool want_hist = out.counts != nullptr;
-  const bool private_hist = want_hist && int64_t(nthreads) * K * 8 <= (int64_t(64) << 20);
-  std::vector<int64_t> hist(private_hist ? size_t(nthreads) * K : 0, 0);
-
-  // Code blocks are whole multiples of what the tile kernel fills at once.
-  const int64_t BNt = (BN + Gemm::kColAlign - 1) / Gemm::kColAlign * Gemm::kColAlign;
-  const int64_t ldt = BNt;
-  std::atomic<bool> x_finite{true};
-  const double gamma = num::exact_gamma(D, std::is_same_v<acc_t, double>);
-
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> tile(size_t(BM + Gemm::kRowPad) * ldt);
-    typename Gemm::Scratch scratch;
-    std::vector<acc_t> best(BM);
-    std::vector<int64_t> bidx(BM);
-    std::vector<acc_t> topv(exact ? size_t(BM) * kTopT : 0);
-    std::vector<int64_t> topi(exact ? size_t(BM) * kTopT : 0);
-    std::vector<double> xnorm(BM), xsq(BM);
-    int64_t* my_hist = private_hist ? hist.data() + size_t(at::get_thread_num()) * K : nullptr;
-
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * BM, m = std::min(BM, N - r0);
-      bool fin_all = true;
-      for (int64_t r = 0; r < m; ++r) {
-        bool fin;
-        xsq[r] = sum_squares64(xp + (r0 + r) * D, D, &fin);  // l2's row term: a sum of squares, as o
-        xnorm[r] = std::sqrt(xsq[r]);
-        fin_all &= fin;
-      }
-      if (!fin_all) {
-        x_finite = false;
-        continue;
-      }
-      std::fill(best.begin(), best.end(), std::numeric_limits<acc_t>::infinity());
-      std::fill(bidx.begin(), bidx.end(), int64_t(0));
-      if (exact) {
-        std::fill(topv.begin(), topv.end(), std::numeric_limits<acc_t>::infinity());
-        std::fill(topi.begin(), topi.end(), int64_t(-1));
-      }
-      gemm.load_rows(scratch, r0, m);
-      for (int64_t kb = 0; kb < K; kb += BNt) {
-        const int64_t nb = std::min(BNt, K - kb);
-        const int64_t ld = gemm.tile(scratch, r0, m, kb, nb, tile.data(), ldt);
-        if (exact) {
-          topk_tile(tile.data(), m, nb, ld, w + kb, o + kb, kb, topv.data(), topi.data());
-        } else {
-          argmin_tile(tile.data(), m, nb, ld, w + kb, o + kb, kb, best.data(), bidx.data());
-        }
-      }
-      for (int64_t r = 0; r < m; ++r) {
-        const int64_t i = r0 + r;
-        const scalar_t* xr = xp + i * D;
-        int64_t code;
-        acc_t d;
-        if (exact) {
-          acc_t* tv = topv.data() + r * kTopT;
-          int64_t* ti = topi.data() + r * kTopT;
-          // Every code whose fast key may round below the true minimum lies within 2E of the fast minimum; when
-          // the last kept candidate is inside too, more may hide behind it: re-scan the row.
-          const double xn = xnorm[r];
-          const double thresh = num::exact_threshold(static_cast<int>(metric), xn, cmax, double(tv[0]), gamma);
-          const bool overflow = ti[kTopT - 1] >= 0 && double(tv[kTopT - 1]) <= thresh;
-          double bd = std::numeric_limits<double>::infinity();
-          int64_t bc = -1;
-          if (overflow) {
-            for (int64_t k = 0; k < K; ++k) {
-              const double dk = rescore(xr, cp + k * D, D, metric, xn, terms.cnorm[k]);
-              if (dk < bd || bc < 0) { bd = dk; bc = k; }
-            }
-          } else {
-            for (int p = 0; p < kTopT; ++p) {
-              if (ti[p] < 0 || double(tv[p]) > thresh) break;
-              const double dk = rescore(xr, cp + ti[p] * D, D, metric, xn, terms.cnorm[ti[p]]);
-              if (bc < 0 || dk < bd || (dk == bd && ti[p] < bc)) { bd = dk; bc = ti[p]; }
-            }
-          }
-          code = bc;
-          d = static_cast<acc_t>(bd);
-        } else {
-          code = bidx[r];
-          const acc_t key = best[r];
-          switch (metric) {
-            case Metric::L2: d = std::max(static_cast<acc_t>(xsq[r]) + key, acc_t(0)); break;
-            case Metric::Cosine: d = acc_t(1) + key / static_cast<acc_t>(std::max(xnorm[r], num::kCosEps)); break;
-            default: d = key; break;
-          }
-        }
-        out.codes[i] = code;
-        dist[i] = d;
-        if (zq != nullptr) std::memcpy(zq + i * D, cp + code * D, sizeof(scalar_t) * D);
-        if (my_hist != nullptr) ++my_hist[code];
+  // codes [k0, k1) from their sums of squares in sq; false when one is not finite, i.e. the code holds a NaN or
+  // an Inf (no finite fp32 / bf16 / fp16 square overflows fp64; fp64 codes are checked element by element instead,
+  // by sum_squares_rows)
+  bool finish(int64_t k0, int64_t k1) {
+    bool ok = true;
+    for (int64_t k = k0; k < k1; ++k) {
+      const double s = sq[k];
+      if constexpr (!std::is_same_v<scalar_t, double>) ok &= std::isfinite(s);
+      if (want_norms) cnorm[k] = std::sqrt(s);
+      switch (metric) {
+        case Metric::L2: w[k] = acc_t(-2); o[k] = static_cast<acc_t>(s); break;
+        case Metric::Cosine: w[k] = static_cast<acc_t>(-1.0 / std::max(cnorm[k], num::kCosEps)); o[k] = acc_t(0); break;
+        case Metric::Dot: w[k] = acc_t(-1); o[k] = acc_t(0); break;
       }
     }
+    return ok;
+  }
+
+  // codes [k0, k1); false when one holds a NaN or Inf
+  bool compute(const RowMatrix<scalar_t>& cb, int64_t k0, int64_t k1) {
+    const bool ok = sum_squares_rows(cb, k0, k1, sq.data() + k0);
+    return finish(k0, k1) && ok;
+  }
+
+  double cmax() const { return cnorm.empty() ? 0.0 : *std::max_element(cnorm.begin(), cnorm.end()); }
+};
+
+// Whether a tile kernel computes the codes' sums of squares in its own pass (GemvTile::tile_norms).
+template <typename Gemm, typename = void>
+struct FusesNorms : std::false_type {};
+template <typename Gemm>
+struct FusesNorms<Gemm, std::void_t<decltype(Gemm::kFusesNorms)>> : std::bool_constant<Gemm::kFusesNorms> {};
+
+// The search over a grid of (row block, code split) tasks, with one tile kernel.
+template <typename scalar_t, typename Gemm>
+void search_grid(const Gemm& gemm, const RowMatrix<scalar_t>& x, const RowMatrix<scalar_t>& cb, Metric metric,
+                 bool exact, EpilogueKind epi, const Outputs& out) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  static_assert(std::is_same_v<acc_t, typename Gemm::acc_t>);
+  const int64_t N = x.rows, D = x.D, K = cb.rows;
+  acc_t* dist = static_cast<acc_t*>(out.dist);
+  scalar_t* zq = static_cast<scalar_t*>(out.zq);
+  const int nthreads = at::get_num_threads();
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+
+  // ---- the grid ------------------------------------------------------------------------------------------------
+  const int64_t BM = block_rows(N);
+  const int64_t nblk = (N + BM - 1) / BM;
+  // the tile's row stride: a padded block of rows; for blocks of one row, 1 (the row is then contiguous and the
+  // epilogue folds codes, not rows, into its lanes)
+  const int64_t ldt = BM == 1 && Gemm::kColAlign == 1
+                          ? 1
+                          : round_up(std::max(BM, Gemm::kColAlign), std::max<int64_t>(kRowLanes, Gemm::kColAlign));
+  // each code tile meets one row block only: its key terms are computed by that task, while it is in cache
+  const bool fused_terms = nblk == 1;
+  // codes per tile: a tile of about 256 KiB (it stays in L2 while the epilogue reads it), and, when the key terms
+  // are computed on the way, codes of at most 256 KiB too (they stay in L2 from that pass to the GEMM)
+  int64_t bn_auto = std::clamp<int64_t>((int64_t(256) << 10) / (ldt * int64_t(sizeof(acc_t))), 64, 8192);
+  if (fused_terms) bn_auto = std::clamp<int64_t>((int64_t(256) << 10) / (D * int64_t(sizeof(scalar_t))), 64, bn_auto);
+  const int64_t BN = round_up(std::min(env_int("VQK_CPU_BN", bn_auto), K), Gemm::kRowAlign);
+  // splits of the codebook when the row blocks cannot keep every thread busy: about 4 tasks a thread, each at least
+  // 4 tiles of codes
+  int64_t S = 1;
+  if (nblk < nthreads) S = std::max<int64_t>(1, std::min((4 * nthreads + nblk - 1) / nblk, K / (4 * BN)));
+  const int64_t per_split = round_up((K + S - 1) / S, BN);
+  S = (K + per_split - 1) / per_split;
+  // results are finished inside the task when it saw every code and the key terms were ready before it started
+  const bool finish_in_task = S == 1 && !fused_terms;
+
+  // ---- per-row terms of the distance (and the non-finite check of x) -------------------------------------------
+  std::vector<double> xsq(N), xnorm(N);
+  std::atomic<bool> x_finite{true};
+  at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+    if (!sum_squares_rows(x, i0, i1, xsq.data() + i0)) x_finite = false;  // l2's row term: a sum of squares, as o
+    for (int64_t i = i0; i < i1; ++i) xnorm[i] = std::sqrt(xsq[i]);
+  });
+
+  CodeTerms<scalar_t> terms(K, metric, exact);
+  std::atomic<bool> cb_finite{true};
+  if (!fused_terms) {
+    at::parallel_for(0, K, 1024, [&](int64_t k0, int64_t k1) {
+      if (!terms.compute(cb, k0, k1)) cb_finite = false;
+    });
+    TORCH_CHECK_VALUE(cb_finite.load(), "codebook contains non-finite values (NaN or Inf)");
+  }
+  TORCH_CHECK_VALUE(x_finite.load(), "x contains non-finite values (NaN or Inf)");
+  const double gamma = num::exact_gamma(D, std::is_same_v<acc_t, double>);
+  double cmax = fused_terms ? 0.0 : terms.cmax();
+
+  // ---- what a row ends with -----------------------------------------------------------------------------------
+  // Per-thread usage histograms merged after the loop (no atomics) when rows are many; with fewer rows than codes
+  // the histogram is counted afterwards (zeroing per-thread histograms of a huge codebook would cost more).
+  const bool want_hist = out.counts != nullptr;
+  const bool private_hist = want_hist && N >= K && int64_t(nthreads) * K * 8 <= (int64_t(64) << 20);
+  std::vector<int64_t> hist(private_hist ? size_t(nthreads) * K : 0, 0);
+
+  // row i's outputs from its code and distance
+  auto emit = [&](int64_t i, int64_t code, acc_t d, int64_t* my_hist) {
+    out.codes[i] = code;
+    dist[i] = d;
+    if (zq != nullptr) std::memcpy(zq + i * D, cb.row(code), sizeof(scalar_t) * D);
+    if (my_hist != nullptr) ++my_hist[code];
+  };
+  // fast path: row i from its best key
+  auto finish_fast = [&](int64_t i, acc_t key, int64_t code, int64_t* my_hist) {
+    acc_t d;
+    switch (metric) {
+      case Metric::L2: d = std::max(static_cast<acc_t>(xsq[i]) + key, acc_t(0)); break;
+      case Metric::Cosine: d = acc_t(1) + key / static_cast<acc_t>(std::max(xnorm[i], num::kCosEps)); break;
+      default: d = key; break;
+    }
+    emit(i, code, d, my_hist);
+  };
+  // exact mode: row i from its kTopT candidates tv / ti (stride ts; key +inf and code -1 are empty slots). Every
+  // code whose fast key may round below the true minimum lies within 2E of the fast minimum; when the last kept
+  // candidate is inside too, more may hide behind it: re-scan the row.
+  auto finish_exact = [&](int64_t i, const acc_t* tv, const int32_t* ti, int64_t ts, int64_t* my_hist) {
+    const scalar_t* xr = x.row(i);
+    const double xn = xnorm[i];
+    const double thresh = num::exact_threshold(static_cast<int>(metric), xn, cmax, double(tv[0]), gamma);
+    const bool overflow = ti[(kTopT - 1) * ts] >= 0 && double(tv[(kTopT - 1) * ts]) <= thresh;
+    double bd = std::numeric_limits<double>::infinity();
+    int64_t bc = -1;
+    if (overflow) {
+      for (int64_t k = 0; k < K; ++k) {
+        const double dk = rescore(xr, cb.row(k), D, metric, xn, terms.cnorm[k]);
+        if (dk < bd || bc < 0) { bd = dk; bc = k; }
+      }
+    } else {
+      for (int p = 0; p < kTopT; ++p) {
+        const int64_t c = ti[p * ts];
+        if (c < 0 || double(tv[p * ts]) > thresh) break;
+        const double dk = rescore(xr, cb.row(c), D, metric, xn, terms.cnorm[c]);
+        if (bc < 0 || dk < bd || (dk == bd && c < bc)) { bd = dk; bc = c; }
+      }
+    }
+    emit(i, bc, static_cast<acc_t>(bd), my_hist);
+  };
+
+  // ---- the tasks ----------------------------------------------------------------------------------------------
+  // partial results of the splits (S > 1 or fused terms): per split, per row, the best key / code or top lists
+  const bool partials = !finish_in_task;
+  const int64_t T = exact ? kTopT : 1;
+  std::vector<acc_t> part_v(partials ? size_t(S) * T * N : 0);
+  std::vector<int32_t> part_i(partials ? size_t(S) * T * N : 0);
+  const int64_t mp = round_up(BM, kRowLanes);
+
+  at::parallel_for(0, nblk * S, 1, [&](int64_t t0, int64_t t1) {
+    // (+ kRowLanes: an epilogue may read a vector's lanes past the last row of a tile)
+    std::vector<acc_t> tile(size_t(BN + Gemm::kRowPad) * ldt + kRowLanes, acc_t(0));
+    typename Gemm::Scratch scratch;
+    std::vector<acc_t> sv(size_t(T) * mp);
+    std::vector<int32_t> si(size_t(T) * mp);
+    bool terms_ok = true;
+    int64_t* my_hist = private_hist ? hist.data() + size_t(at::get_thread_num()) * K : nullptr;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / S, s = t % S;
+      const int64_t r0 = b * BM, m = std::min(BM, N - r0);
+      const int64_t k_lo = s * per_split, k_hi = std::min(K, k_lo + per_split);
+      std::fill(sv.begin(), sv.end(), kInf);
+      std::fill(si.begin(), si.end(), exact ? int32_t(-1) : static_cast<int32_t>(k_lo));
+      gemm.load_cols(scratch, r0, m);
+      for (int64_t kb = k_lo; kb < k_hi; kb += BN) {
+        const int64_t nb = std::min(BN, k_hi - kb);
+        if constexpr (FusesNorms<Gemm>::value) {
+          if (fused_terms) {  // the squares in the GEMV's own pass over the codes, then the terms from them
+            gemm.tile_norms(scratch, kb, nb, m, tile.data(), ldt, terms.sq.data() + kb);
+            terms_ok &= terms.finish(kb, kb + nb);
+          } else {
+            gemm.tile(scratch, kb, nb, m, tile.data(), ldt);
+          }
+        } else {
+          if (fused_terms) terms_ok &= terms.compute(cb, kb, kb + nb);
+          gemm.tile(scratch, kb, nb, m, tile.data(), ldt);
+        }
+        const acc_t* w = terms.w.data() + kb;
+        const acc_t* o = terms.o.data() + kb;
+        if (exact) {
+          top4_codes(epi, tile.data(), nb, ldt, m, w, o, static_cast<int32_t>(kb), sv.data(), si.data(), mp);
+        } else {
+          argmin_codes(epi, tile.data(), nb, ldt, m, w, o, static_cast<int32_t>(kb), sv.data(), si.data());
+        }
+      }
+      if (finish_in_task) {
+        for (int64_t r = 0; r < m; ++r) {
+          if (exact) {
+            finish_exact(r0 + r, sv.data() + r, si.data() + r, mp, my_hist);
+          } else {
+            finish_fast(r0 + r, sv[r], si[r], my_hist);
+          }
+        }
+      } else {
+        for (int64_t p = 0; p < T; ++p) {
+          std::copy(sv.begin() + p * mp, sv.begin() + p * mp + m, part_v.begin() + (s * T + p) * N + r0);
+          std::copy(si.begin() + p * mp, si.begin() + p * mp + m, part_i.begin() + (s * T + p) * N + r0);
+        }
+      }
+    }
+    if (!terms_ok) cb_finite = false;
     gemm.release();
   });
-  TORCH_CHECK_VALUE(x_finite.load(), "x contains non-finite values (NaN or Inf)");
+
+  if (partials) {
+    TORCH_CHECK_VALUE(cb_finite.load(), "codebook contains non-finite values (NaN or Inf)");
+    if (fused_terms) cmax = terms.cmax();
+    // merge the splits, in split order: split s holds lower codes than split s + 1, so a strict < (and, for the
+    // top lists, inserting after equal keys) keeps ties on the lowest index
+    at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
+      int64_t* my_hist = private_hist ? hist.data() + size_t(at::get_thread_num()) * K : nullptr;
+      acc_t tv[kTopT];
+      int32_t ti[kTopT];
+      for (int64_t i = i0; i < i1; ++i) {
+        if (!exact) {
+          acc_t bv = part_v[i];
+          int32_t bi = part_i[i];
+          for (int64_t s = 1; s < S; ++s) {
+            if (part_v[s * N + i] < bv) {
+              bv = part_v[s * N + i];
+              bi = part_i[s * N + i];
+            }
+          }
+          finish_fast(i, bv, bi, my_hist);
+          continue;
+        }
+        std::fill(tv, tv + kTopT, kInf);
+        std::fill(ti, ti + kTopT, int32_t(-1));
+        for (int64_t s = 0; s < S; ++s) {
+          for (int64_t p = 0; p < kTopT; ++p) {
+            const acc_t v = part_v[(s * T + p) * N + i];
+            const int32_t c = part_i[(s * T + p) * N + i];
+            if (c < 0 || !(v < tv[kTopT - 1])) continue;
+            int q = kTopT - 1;
+            while (q > 0 && tv[q - 1] > v) {
+              tv[q] = tv[q - 1];
+              ti[q] = ti[q - 1];
+              --q;
+            }
+            tv[q] = v;
+            ti[q] = c;
+          }
+        }
+        finish_exact(i, tv, ti, 1, my_hist);
+      }
+    });
+  }
 
   if (want_hist) {
     int64_t* counts = out.counts;
@@ -169,12 +310,12 @@ void search_blocks(const Gemm& gemm, const at::Tensor& x, const at::Tensor& cb, 
       at::parallel_for(0, K, 4096, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
           int64_t s = 0;
-          for (int t = 0; t < nthreads; ++t) s += hist[size_t(t) * K + k];
+          for (int th = 0; th < nthreads; ++th) s += hist[size_t(th) * K + k];
           counts[k] = s;
         }
       });
     } else {
-      std::fill(counts, counts + K, int64_t(0));
+      std::memset(counts, 0, sizeof(int64_t) * K);
       for (int64_t i = 0; i < N; ++i) ++counts[out.codes[i]];
     }
   }
@@ -182,44 +323,30 @@ void search_blocks(const Gemm& gemm, const at::Tensor& x, const at::Tensor& cb, 
 
 template <typename scalar_t>
 void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, bool exact, const Outputs& out) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t N = x.size(0), D = x.size(1), K = cb.size(0);
-  const scalar_t* cp = cb.const_data_ptr<scalar_t>();
-
-  CodeTerms<scalar_t> terms;
-  terms.w.resize(K);
-  terms.o.resize(K);
-  terms.cnorm.resize(K);
-  std::atomic<bool> cb_finite{true};
-  at::parallel_for(0, K, 1024, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      bool fin;
-      const double sq = sum_squares64(cp + k * D, D, &fin);
-      const double n = std::sqrt(sq);
-      if (!fin) cb_finite = false;
-      terms.cnorm[k] = n;
-      switch (metric) {
-        case Metric::L2: terms.w[k] = acc_t(-2); terms.o[k] = static_cast<acc_t>(sq); break;
-        case Metric::Cosine:
-          terms.w[k] = static_cast<acc_t>(-1.0 / std::max(n, num::kCosEps));
-          terms.o[k] = acc_t(0);
-          break;
-        case Metric::Dot: terms.w[k] = acc_t(-1); terms.o[k] = acc_t(0); break;
-      }
-    }
-  });
-  TORCH_CHECK_VALUE(cb_finite.load(), "codebook contains non-finite values (NaN or Inf)");
-  if (N == 0) return;
-  terms.cmax = *std::max_element(terms.cnorm.begin(), terms.cnorm.end());
-
+  const RowMatrix<scalar_t> xm{x.const_data_ptr<scalar_t>(), x.stride(0), x.size(0), x.size(1)};
+  const RowMatrix<scalar_t> cm{cb.const_data_ptr<scalar_t>(), cb.stride(0), cb.size(0), cb.size(1)};
+  const std::string dtype = dtype_name(x.scalar_type());
+  const EpilogueKind epi = epilogue_kind(dtype);
+  const TileKind tile = tile_kind(dtype, block_rows(x.size(0)));
+  if (x.size(0) == 0) {  // nothing to search; the codebook is still checked (README "Method" §1.5)
+    CodeTerms<scalar_t> terms(cb.size(0), metric, exact);
+    TORCH_CHECK_VALUE(terms.compute(cm, 0, cb.size(0)), "codebook contains non-finite values (NaN or Inf)");
+    return;
+  }
 #ifdef VQK_X86
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (cpu_has_avx512bf16() && env_int("VQK_CPU_BF16_BRGEMM", 0) != 1) {
-      return search_blocks<scalar_t>(Bf16Avx512Gemm(x, cb), x, cb, metric, exact, terms, out);
-    }
+    if (tile == TileKind::Avx512Bf16) return search_grid<scalar_t>(Bf16Avx512Gemm(cm, xm), xm, cm, metric, exact, epi, out);
   }
 #endif
-  search_blocks<scalar_t>(AtenTileGemm<scalar_t>(x, cb), x, cb, metric, exact, terms, out);
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (tile == TileKind::Gemv) {
+      // the GEMV kernel's vector width: the widest this CPU has (its own choice, apart from the epilogue's)
+      const CpuFeatures& f = cpu_features();
+      const EpilogueKind isa = f.avx512 ? EpilogueKind::Avx512 : (f.avx2_fma ? EpilogueKind::Avx2 : EpilogueKind::Scalar);
+      return search_grid<scalar_t>(GemvTile<scalar_t>(cm, xm, isa), xm, cm, metric, exact, epi, out);
+    }
+  }
+  search_grid<scalar_t>(AtenTileGemm<scalar_t>(cm, xm), xm, cm, metric, exact, epi, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search(const at::Tensor& x_in, const at::Tensor& cb_in,
@@ -227,8 +354,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search(const at::Tens
                                                                   bool gather) {
   check_search_args(x_in, cb_in);
   const Metric metric = parse_metric(std::string_view(metric_name.data(), metric_name.size()));
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor cb = cb_in.contiguous();
+  // unit stride along D is all the kernels need: row-strided views are read in place
+  const at::Tensor x = rows_unit_stride(x_in);
+  const at::Tensor cb = rows_unit_stride(cb_in);
   const int64_t N = x.size(0), D = x.size(1), K = cb.size(0);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto codes = at::empty({N}, x.options().dtype(at::kLong));

@@ -1,17 +1,17 @@
-// Tile GEMMs of the CPU search and sampling drivers: out[r, j] = rows[r0 + r] . cols[c0 + j] for a block of m rows
-// and nc columns, accumulated and stored in acc_t. In the search the rows are the inputs and the columns the codes;
-// sampling swaps the roles (README "Method" §1).
+// Tile GEMMs of the CPU drivers: out[j * ldt + c] = rows[r0 + j] . cols[c0 + c] for a tile of m rows and nc
+// columns, accumulated and stored in acc_t. In both drivers the rows are the codes and the columns the input rows
+// (search.cpp, sample.cpp): the codebook is read where it lies, never copied or re-laid out, and only a block of
+// input rows is packed, once per block, for all the code tiles it meets (README "Backends").
 //
-// The drivers are templates on a tile kernel with this interface, so a kernel for another ISA (AMX tiles, NEON)
-// is one more class and one more branch where the driver picks its kernel:
+// The drivers are templates on a tile kernel with this interface, so a kernel for another ISA is one more class
+// and one more case where the driver picks its kernel (cpu_features.h):
 //   using scalar_t, acc_t;
-//   static constexpr int64_t kColAlign;  column blocks start at multiples of it, and the kernel may write up to
-//                                        round_up(nc, kColAlign) columns of a tile row;
-//   static constexpr int64_t kRowPad;    rows the kernel may write past m (the tile buffer holds m + kRowPad);
-//   struct Scratch;                      per-thread state (for instance a packed copy of the row block);
-//   void load_rows(Scratch&, r0, m) const;  once per row block, before its tiles;
-//   int64_t tile(Scratch&, r0, m, c0, nc, acc_t* out, int64_t ldt) const;  fills the tile and returns the
-//                                        leading dimension it used (<= ldt, the buffer's);
+//   static constexpr int64_t kRowAlign;  code tiles start at multiples of it (the last one may be shorter);
+//   static constexpr int64_t kRowPad;    tile rows the kernel may write past m (the buffer holds m + kRowPad);
+//   static constexpr int64_t kColAlign;  it may write up to round_up(nc, kColAlign) columns (ldt is at least that);
+//   struct Scratch;                      per-thread state: the packed column block;
+//   void load_cols(Scratch&, c0, nc) const;                      pack columns c0 .. c0 + nc - 1;
+//   void tile(Scratch&, r0, m, nc, acc_t* out, int64_t ldt) const;  rows r0 .. r0 + m - 1 against them;
 //   void release() const;                once per thread, after its last tile.
 #pragma once
 
@@ -19,32 +19,40 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 
 namespace vqkernels::cpu {
 
-// float / bf16 / fp16 on ATen's brgemm (oneDNN's ukernel where the CPU has one, else its BLAS fallback) against a
-// D x C transposed copy of the columns; fp64 on at::mm_out. Called inside at::parallel_for, both run
-// single-threaded.
+// A matrix of rows with unit stride along D: a pointer, its row stride and D.
+template <typename scalar_t>
+struct RowMatrix {
+  const scalar_t* data;
+  int64_t ld;  // elements between consecutive rows (>= D)
+  int64_t rows, D;
+  const scalar_t* row(int64_t i) const { return data + i * ld; }
+};
+
+// fp32 / bf16 / fp16 on ATen's brgemm (oneDNN's ukernel where the CPU has one, AMX tiles included, else its
+// fallback) with the column block transposed into a D x nc buffer; fp64 (and fp32 where brgemm is missing) on
+// at::mm over views of the two blocks where they lie. Inside at::parallel_for both run single-threaded.
 template <typename scalar_t_>
 struct AtenTileGemm {
   using scalar_t = scalar_t_;
   using acc_t = typename AccOf<scalar_t>::type;
-  static constexpr int64_t kColAlign = 1;
+  static constexpr int64_t kRowAlign = 1;
   static constexpr int64_t kRowPad = 0;
-  struct Scratch {};
+  static constexpr int64_t kColAlign = 1;
+  struct Scratch {
+    std::vector<scalar_t> colsT;  // [D, ldb]: the column block, transposed (brgemm's B)
+    const scalar_t* cols = nullptr;  // the column block where it lies (at::mm's)
+    int64_t ldb = 0;
+  };
 
-  const scalar_t* rows;  // [R, D]
-  const scalar_t* cols;  // [C, D]
-  at::Tensor colsT;      // [D, C] when brgemm is used
-  int64_t D, C;
+  RowMatrix<scalar_t> rows, cols;
 
-  AtenTileGemm(const at::Tensor& rows_, const at::Tensor& cols_) : D(rows_.size(1)), C(cols_.size(0)) {
-    rows = rows_.const_data_ptr<scalar_t>();
-    cols = cols_.const_data_ptr<scalar_t>();
-    if constexpr (brgemm_available()) colsT = cols_.t().contiguous();
-  }
+  AtenTileGemm(const RowMatrix<scalar_t>& rows_, const RowMatrix<scalar_t>& cols_) : rows(rows_), cols(cols_) {}
 
   static constexpr bool brgemm_available() {
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -63,22 +71,33 @@ struct AtenTileGemm {
     return false;
   }
 
-  void load_rows(Scratch&, int64_t, int64_t) const {}
-
-  int64_t tile(Scratch&, int64_t r0, int64_t m, int64_t c0, int64_t nc, acc_t* out, int64_t /*ldt*/) const {
+  void load_cols(Scratch& s, int64_t c0, int64_t nc) const {
+    s.cols = cols.row(c0);
     if constexpr (brgemm_available()) {
-      at::native::cpublas::brgemm(m, nc, D, /*ld_a=*/D, /*ld_b=*/C, /*ld_c=*/nc, /*add_C=*/false, rows + r0 * D,
-                                  colsT.const_data_ptr<scalar_t>() + c0, out, /*is_vnni=*/false);
+      const int64_t D = cols.D;
+      s.ldb = nc;
+      s.colsT.resize(size_t(D) * nc);
+      for (int64_t c = 0; c < nc; ++c) {
+        const scalar_t* src = cols.row(c0 + c);
+        for (int64_t d = 0; d < D; ++d) s.colsT[d * nc + c] = src[d];
+      }
+    }
+  }
+
+  void tile(Scratch& s, int64_t r0, int64_t m, int64_t nc, acc_t* out, int64_t ldt) const {
+    const int64_t D = rows.D;
+    if constexpr (brgemm_available()) {
+      at::native::cpublas::brgemm(m, nc, D, /*ld_a=*/rows.ld, /*ld_b=*/s.ldb, /*ld_c=*/ldt, /*add_C=*/false,
+                                  rows.row(r0), s.colsT.data(), out, /*is_vnni=*/false);
     } else {
       static_assert(std::is_same_v<scalar_t, double> || std::is_same_v<scalar_t, float>,
                     "low-precision inputs need ATen's brgemm (torch >= 2.6)");
       auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-      auto a = at::from_blob(const_cast<scalar_t*>(rows + r0 * D), {m, D}, opts);
-      auto b = at::from_blob(const_cast<scalar_t*>(cols + c0 * D), {nc, D}, opts);
-      auto c = at::from_blob(out, {m, nc}, opts);
+      auto a = at::from_blob(const_cast<scalar_t*>(rows.row(r0)), {m, D}, {rows.ld, 1}, opts);
+      auto b = at::from_blob(const_cast<scalar_t*>(s.cols), {nc, D}, {cols.ld, 1}, opts);
+      auto c = at::from_blob(out, {m, nc}, {ldt, 1}, opts);
       at::mm_out(c, a, b.t());
     }
-    return nc;
   }
 
   void release() const {
