@@ -140,7 +140,14 @@ def test_bench_presets_and_plot(tmp_path):
         [((4096, 1024, 64), dt, m) for dt in ("fp32", "bf16") for m in METRICS]
         + [(s, dt, "l2") for s in bench.PRESET_L2_ONLY["cpu-default"] for dt in ("fp32", "bf16")]
     )
-    assert len(bench.parse_args(["--device", "cpu", "--metric", "l2,dot"]).cases) == 3 * 2 * 2  # asked: all shapes
+    n_default = len(bench.PRESETS["cpu-default"])
+    assert len(bench.parse_args(["--device", "cpu", "--metric", "l2,dot"]).cases) == n_default * 2 * 2  # asked: all
+    # a few rows against a huge codebook (retrieval, the CVQ anchor search with roles swapped): l2 only, and the
+    # N x K guard of the baselines lets them run (64 x 1M fp32 = 256 MiB)
+    few = [(1, 1048576, 64), (64, 1048576, 64), (8, 262144, 256)]
+    assert set(few) <= set(bench.PRESETS["cpu-default"]) and set(few) <= bench.PRESET_L2_ONLY["cpu-default"]
+    assert {c for c in default.cases if c[0] in few} == {(s, dt, "l2") for s in few for dt in ("fp32", "bf16")}
+    assert not any(bench.skip_reason(b, n, k, 4) for b in bench.NK_BASELINES for n, k, _ in few)
     assert len(bench.parse_args(["--preset", "gpu", "--dtype", "bf16"]).cases) == 9 * 3
     # the backends come from the dispatch table (triton's interpreter is not timed)
     assert default.backend == [b for b in dispatch.runnable("cpu") if b != "triton"]
