@@ -28,19 +28,31 @@ def _mib(v: float | None) -> str:
     return "—" if v is None else f"{v:.0f} MiB"
 
 
-def ops_tables(result: dict, backend: str) -> str:
-    """One table for l2 (every baseline) and one for every metric (the op against the fastest unfused search)."""
-    rows = result["rows"]
+FEW_ROWS = 64
+"""Shapes with at most this many rows are the few-rows cases (a huge codebook against a handful of queries): they
+get a table of their own instead of a line in the l2 table."""
+
+
+def _cases(result: dict) -> dict[tuple, dict[str, dict]]:
+    """(shape, dtype, metric) -> row name -> row, in the order of the rows."""
     cases: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
+    for r in result["rows"]:
         cases.setdefault((tuple(r["shape"]), r["dtype"], r["metric"]), {})[r["name"]] = r
+    return cases
+
+
+def ops_tables(result: dict, backend: str) -> str:
+    """One table for l2 (every baseline) and one for every metric (the op against the fastest unfused search);
+    then, when the result has them, one for the few-rows shapes and one per dtype for the ``cpu`` kernel
+    variants."""
+    cases = _cases(result)
     out = [
         f"| N, K, D | dtype | `{backend}` op | % of roofline | `x @ C.T` alone | GEMM + argmin | naive reference "
         "| vector-quantize-pytorch | op / GEMM | peak extra memory (op / naive) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (shape, dtype, metric), by in cases.items():
-        if metric != "l2" or backend not in by:
+        if metric != "l2" or backend not in by or shape[0] <= FEW_ROWS:
             continue
         op = by[backend]
         t = {name: by.get(name, {}).get("median_ms") for name in ("gemm", "gemm_argmin", "naive", "vqp_layer")}
@@ -69,7 +81,81 @@ def ops_tables(result: dict, backend: str) -> str:
             f"| {', '.join(map(str, shape))} | {dtype} | {metric} | {_ms(op['median_ms'])} | "
             f"{best} {_ms(searches.get(best))} | {_x(op['speedup_vs_best_search'], 1)} | {op['verdict']} |"
         )
+    for table in (few_rows_table(result, backend), *variant_tables(result)):
+        if table:
+            out += ["", table]
     return "\n".join(out)
+
+
+def few_rows_table(result: dict, backend: str) -> str:
+    """The l2 cases with at most ``FEW_ROWS`` rows: the op, the GEMM alone and their ratio, GEMM + argmin (empty
+    when the result has none)."""
+    out = [
+        f"| N, K, D | dtype | `{backend}` op | `x @ C.T` alone | op / GEMM | GEMM + argmin |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (shape, dtype, metric), by in _cases(result).items():
+        if metric != "l2" or backend not in by or shape[0] > FEW_ROWS:
+            continue
+        op = by[backend]
+        gemm, gemm_argmin = (by.get(name, {}).get("median_ms") for name in ("gemm", "gemm_argmin"))
+        out.append(
+            f"| {', '.join(map(str, shape))} | {dtype} | {_ms(op['median_ms'])} | {_ms(gemm)} | "
+            f"{_x(op['x_gemm_time'])} | {_ms(gemm_argmin)} |"
+        )
+    return "\n".join(out) if len(out) > 2 else ""
+
+
+def _kernel(row: dict) -> str:
+    return f"{row['cpu_tile']}/{row['cpu_epilogue']}"
+
+
+def variant_tables(result: dict) -> list[str]:
+    """Per dtype, the cases with ``cpu`` kernel variant rows: every variant's median and its time as a multiple
+    of the GEMM alone (same shape and dtype), which one is the default (the ``cpu`` row, automatic choice), and
+    whether the default is the fastest (JSON ``cpu_variants``, within its tolerance). Empty for a result without
+    variant rows."""
+    verdicts = {(tuple(v["shape"]), v["dtype"], v["metric"]): v for v in result.get("cpu_variants", [])}
+    by_dtype: dict[str, list[tuple[tuple, dict[str, dict]]]] = {}
+    for (shape, dtype, metric), by in _cases(result).items():
+        if "cpu" in by and any(r["kind"] == "variant" for r in by.values()):
+            by_dtype.setdefault(dtype, []).append(((shape, dtype, metric), by))
+    tables = []
+    for dtype, cases in by_dtype.items():
+        kernels: list[str] = []  # columns: every tile/epilogue met, in order of appearance
+        for _, by in cases:
+            for r in by.values():
+                if (r["name"] == "cpu" or r["kind"] == "variant") and _kernel(r) not in kernels:
+                    kernels.append(_kernel(r))
+        out = [
+            f"| N, K, D | dtype | metric | {' | '.join(f'`{k}`' for k in kernels)} | default | default is fastest |",
+            "|---|---|---|" + "---|" * len(kernels) + "---|---|",
+        ]
+        for case, by in cases:
+            shape, _, metric = case
+            cells = {}
+            for r in by.values():
+                if r["name"] == "cpu" or r["kind"] == "variant":
+                    ok = r["median_ms"] is not None and not r["verdict"].startswith("FAIL")
+                    cells[_kernel(r)] = f"{_ms(r['median_ms'])} ({_x(r['x_gemm_time'])} GEMM)" if ok else "FAIL"
+            v = verdicts.get(case, {})
+            fastest = v.get("cpu_default_fastest")
+            if fastest is None:
+                judged = "—"
+            elif v["fastest"] == "cpu":
+                judged = "yes"
+            else:
+                other = by[v["fastest"]]
+                ratio = f"{v['default_over_fastest']:.2f}×"
+                beat = f"`{_kernel(other)}` {ratio} faster"
+                judged = f"yes, within {100 * v['tolerance']:g} % ({beat})" if fastest else f"no: {beat}"
+            out.append(
+                f"| {', '.join(map(str, shape))} | {dtype} | {metric} | "
+                + " | ".join(cells.get(k, "—") for k in kernels)
+                + f" | `{_kernel(by['cpu'])}` | {judged} |"
+            )
+        tables.append("\n".join(out))
+    return tables
 
 
 def layer_table(result: dict) -> str:

@@ -15,7 +15,7 @@ import torch
 from helpers import cpu_backends
 
 import vqkernels as vq
-from vqkernels import bench, dispatch, roofline, testing
+from vqkernels import _ext, bench, dispatch, roofline, testing
 from vqkernels.bench import layer
 from vqkernels.ops import METRICS, Quantized, quantize
 
@@ -45,7 +45,11 @@ def test_bench_quick_json(tmp_path):
         metric = case[2]
         expected = backends | {"naive", "gemm", "gemm_out", "gemm_argmin"}
         expected |= ({"cdist_chunked"} | ({"vqp_layer"} if vqp else set())) if metric == "l2" else set()
-        assert {r["name"] for r in case_rows} == expected
+        # the cpu backend's other kernel variants, l2 only (none while the extension does not list them)
+        variants = {bench.variant_name(v) for v in bench.other_variants(case[1])} if "cpu" in backends else set()
+        variants = variants if metric in bench.VARIANT_METRICS else set()
+        assert {r["name"] for r in case_rows} == expected | variants
+        plan = _ext.cpu_plan(case[1]) or {"tile": None, "epilogue": None}
         bounds = {r["bound_ms"] for r in case_rows}
         assert len(bounds) == 1 and bounds.pop() > 0  # one roofline per case
         for r in case_rows:
@@ -54,10 +58,18 @@ def test_bench_quick_json(tmp_path):
             assert r["gflops"] > 0 and r["speedup_vs_naive"] > 0 and r["x_gemm_time"] > 0
             assert r["pct_of_bound"] == pytest.approx(100 * r["bound_ms"] / r["median_ms"])
             assert set(r["speedups"]) == expected - backends
+            # the stamp: what the cpu backend ran (null elsewhere, and everywhere without the extension's plan)
+            stamp = (r["cpu_tile"], r["cpu_epilogue"])
+            if r["name"] == "cpu":
+                assert stamp == (plan["tile"], plan["epilogue"])
+            elif r["kind"] == "variant":
+                assert r["name"] == bench.variant_name(dict(zip(("tile", "epilogue"), stamp)))
+            else:
+                assert stamp == (None, None)
             assert r["speedups"]["naive"] == pytest.approx(r["speedup_vs_naive"])
             best = min(r["speedups"][b] for b in bench.SEARCH_BASELINES if b in r["speedups"])  # fastest
             assert r["speedup_vs_best_search"] == pytest.approx(best)
-            if r["kind"] == "backend":
+            if r["kind"] in ("backend", "variant"):
                 assert r["verdict"] == "PASS", r
                 # the oracle's numbers (vqkernels.testing.judge_search) on the sampled rows
                 assert set(r["check"]) == {"rows", "max_regret", "allowed_regret", "worst_dist_err_over_scale"}
@@ -73,6 +85,9 @@ def test_bench_quick_json(tmp_path):
         check=True,
     ).stdout  # the README's generator
     assert tables.count("| PASS |") == len(cases) and "| 4096, 1024, 64 | bf16 | " in tables
+    with_variants = {(tuple(r["shape"]), r["dtype"], r["metric"]) for r in rows if r["kind"] == "variant"}
+    assert {(tuple(e["shape"]), e["dtype"], e["metric"]) for e in result["cpu_variants"]} == with_variants
+    assert all(isinstance(e["cpu_default_fastest"], bool) for e in result["cpu_variants"])
     fastest = {(tuple(f["shape"]), f["dtype"], f["metric"]): f for f in result["fastest_backend"]}
     assert set(fastest) == (cases if len(backends) > 1 else set())
     for case, f in fastest.items():
@@ -140,7 +155,15 @@ def test_bench_presets_and_plot(tmp_path):
         [((4096, 1024, 64), dt, m) for dt in ("fp32", "bf16") for m in METRICS]
         + [(s, dt, "l2") for s in bench.PRESET_L2_ONLY["cpu-default"] for dt in ("fp32", "bf16")]
     )
-    assert len(bench.parse_args(["--device", "cpu", "--metric", "l2,dot"]).cases) == 3 * 2 * 2  # asked: all shapes
+    n_default = len(bench.PRESETS["cpu-default"])
+    assert len(bench.parse_args(["--device", "cpu", "--metric", "l2,dot"]).cases) == n_default * 2 * 2  # asked: all
+    # a few rows against a huge codebook (retrieval, the CVQ anchor search with roles swapped): l2 only, and the
+    # N x K guard of the baselines lets them run (64 x 1M fp32 = 256 MiB)
+    few = [(1, 1048576, 64), (64, 1048576, 64), (8, 262144, 256)]
+    assert set(few) <= set(bench.PRESETS["cpu-default"]) and set(few) <= bench.PRESET_L2_ONLY["cpu-default"]
+    assert {c for c in default.cases if c[0] in few} == {(s, dt, "l2") for s in few for dt in ("fp32", "bf16")}
+    assert not any(bench.skip_reason(b, n, k, 4) for b in bench.NK_BASELINES for n, k, _ in few)
+    assert default.cpu_variants is True and bench.parse_args(["--no-cpu-variants"]).cpu_variants is False
     assert len(bench.parse_args(["--preset", "gpu", "--dtype", "bf16"]).cases) == 9 * 3
     # the backends come from the dispatch table (triton's interpreter is not timed)
     assert default.backend == [b for b in dispatch.runnable("cpu") if b != "triton"]
@@ -181,6 +204,177 @@ def test_bench_skips_nxk_baselines_over_the_memory_limit(tmp_path, monkeypatch):
     for name in ("naive", "gemm", "gemm_out", "gemm_argmin"):
         assert rows[name]["verdict"].startswith("skipped") and rows[name]["median_ms"] is None
     assert rows["cpu"]["verdict"] == "PASS" and rows["cdist_chunked"]["median_ms"] is not None
+
+
+FAKE_TILE, FAKE_EPILOGUE = "VQK_BENCH_TEST_TILE", "VQK_BENCH_TEST_EPILOGUE"  # variables the op never reads
+
+
+def _fake_kernel_choice(monkeypatch):
+    """Make vqkernels._ext report three cpu kernel variants forced by variables the op ignores (so all three run
+    the same kernel and must pass), the plan read from those variables like the C++ op reads its own."""
+
+    def plan(dtype):
+        return {"tile": os.environ.get(FAKE_TILE, "tileA"), "epilogue": os.environ.get(FAKE_EPILOGUE, "epiA")}
+
+    def variants(dtype):
+        pairs = (("tileA", "epiA"), ("tileB", "epiA"), ("tileA", "epiB"))
+        return [{"tile": t, "epilogue": e, "env": {FAKE_TILE: t, FAKE_EPILOGUE: e}} for t, e in pairs]
+
+    monkeypatch.setattr(_ext, "cpu_plan", plan)
+    monkeypatch.setattr(_ext, "cpu_variants", variants)
+    monkeypatch.delenv(FAKE_TILE, raising=False)
+    monkeypatch.delenv(FAKE_EPILOGUE, raising=False)
+
+
+@pytest.mark.skipif("cpu" not in dispatch.runnable("cpu"), reason="the C++ extension is not built")
+def test_cpu_variant_rows_are_timed_checked_stamped_and_leave_the_environment_alone(tmp_path, monkeypatch):
+    """Beside the cpu row, one row per other kernel variant, on the same inputs: every call under its variables
+    (restored afterwards), stamped, checked, with its own ratios; JSON ``cpu_variants`` and the README tables."""
+    _fake_kernel_choice(monkeypatch)
+    calls = []  # (backend, the two variables) at every call of the op, timed or not
+    real = bench.baselines.quantize
+
+    def spy(x, codebook, *, metric, backend):
+        calls.append((backend, os.environ.get(FAKE_TILE), os.environ.get(FAKE_EPILOGUE)))
+        return real(x, codebook, metric=metric, backend=backend)
+
+    monkeypatch.setattr(bench.baselines, "quantize", spy)
+    out = tmp_path / "b.json"
+    args = ["--shape", "8,300,16", "--shape", "200,50,8", "--dtype", "fp32", "--metric", "l2", "--backend", "cpu"]
+    assert bench.main([*args, "--min-time", "0.01", "--json", out]) == 0
+    assert FAKE_TILE not in os.environ and FAKE_EPILOGUE not in os.environ
+    # every call of a variant ran under its variables, every other call (the cpu rows) under none
+    assert set(calls) == {("cpu", None, None), ("cpu", "tileB", "epiA"), ("cpu", "tileA", "epiB")}
+    for forced in (("cpu", "tileB", "epiA"), ("cpu", "tileA", "epiB")):
+        assert calls.count(forced) >= 2 * (bench.MIN_RUNS + 1)  # two cases: the timed calls, then the checked one
+    result = json.loads(out.read_text())
+    assert result["config"]["cpu_variants"] is True and result["config"]["cpu_env"] == {}
+    rows = result["rows"]
+    for shape in ((8, 300, 16), (200, 50, 8)):
+        case = {r["name"]: r for r in rows if tuple(r["shape"]) == shape}
+        names = list(case)
+        assert names[names.index("cpu") :] == ["cpu", "cpu[tileB/epiA]", "cpu[tileA/epiB]"]  # beside the cpu row
+        for name, r in case.items():
+            stamp = (r["cpu_tile"], r["cpu_epilogue"], r["cpu_env"])
+            if name == "cpu":
+                assert stamp == ("tileA", "epiA", None)
+            elif r["kind"] == "variant":
+                tile, epilogue = name[4:-1].split("/")
+                assert stamp == (tile, epilogue, {FAKE_TILE: tile, FAKE_EPILOGUE: epilogue})
+            else:
+                assert stamp == (None, None, None)
+            if r["kind"] == "variant":  # timed, measured and checked like the backend row, with its own ratios
+                assert r["verdict"] == "PASS" and r["check"]["rows"] == shape[0], r
+                assert r["median_ms"] > 0 and r["peak_extra_mib"] is not None
+                assert set(r["speedups"]) == {"naive", "gemm", "gemm_out", "gemm_argmin", "cdist_chunked"} | (
+                    {"vqp_layer"} if bench.vqp_missing() is None else set()
+                )
+                assert r["x_gemm_time"] == pytest.approx(r["median_ms"] / case["gemm"]["median_ms"])
+        entry = next(e for e in result["cpu_variants"] if tuple(e["shape"]) == shape)
+        times = {n: case[n]["median_ms"] for n in ("cpu", "cpu[tileB/epiA]", "cpu[tileA/epiB]")}
+        assert entry["median_ms"] == times and entry["default"] == {"name": "cpu", "tile": "tileA", "epilogue": "epiA"}
+        assert entry["cpu_default_fastest"] == (
+            times["cpu"] <= 1.03 * min(times["cpu[tileB/epiA]"], times["cpu[tileA/epiB]"])
+        )
+    assert len(result["cpu_variants"]) == 2
+    tables = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "ops", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert (
+        "| N, K, D | dtype | metric | `tileA/epiA` | `tileB/epiA` | `tileA/epiB` | default | default is fastest |"
+        in tables
+    )
+    assert re.search(
+        r"\| 200, 50, 8 \| fp32 \| l2 \|( [0-9.]+ ms \([0-9.]+× GEMM\) \|){3} `tileA/epiA` \| (yes|no)", tables
+    )
+    assert "| N, K, D | dtype | `cpu` op | `x @ C.T` alone | op / GEMM | GEMM + argmin |" in tables
+    assert re.search(r"\| 8, 300, 16 \| fp32 \| [0-9.]+ ms \| [0-9.]+ ms \| [0-9.]+× \| [0-9.]+ ms \|", tables)
+    l2_table = tables.split("\n\n")[0]
+    assert "| 200, 50, 8 | fp32 |" in l2_table and "| 8, 300, 16 |" not in l2_table
+    # no variant rows for the other metrics, nor with --no-cpu-variants; the stamp stays
+    for metric, variants in (("dot", True), ("l2", False)):
+        rows = bench.run_case((200, 50, 8), "fp32", metric, "cpu", ["cpu"], 0.01, True, cpu_variants=variants)
+        assert [(r.name, r.cpu_tile, r.verdict) for r in rows if r.kind != "baseline"] == [("cpu", "tileA", "PASS")]
+
+
+def test_forced_env_restores_what_was_there():
+    os.environ[FAKE_TILE] = "before"
+    try:
+        with pytest.raises(RuntimeError):
+            with bench.forced_env({FAKE_TILE: "x", FAKE_EPILOGUE: "y"}):
+                assert (os.environ[FAKE_TILE], os.environ[FAKE_EPILOGUE]) == ("x", "y")
+                raise RuntimeError
+        assert os.environ[FAKE_TILE] == "before" and FAKE_EPILOGUE not in os.environ
+    finally:
+        os.environ.pop(FAKE_TILE, None)
+
+
+def test_other_variants_leave_out_the_plan_in_force(monkeypatch):
+    _fake_kernel_choice(monkeypatch)
+    assert [bench.variant_name(v) for v in bench.other_variants("bf16")] == ["cpu[tileB/epiA]", "cpu[tileA/epiB]"]
+    monkeypatch.setenv(FAKE_TILE, "tileB")  # forced from outside: the cpu row runs tileB, the automatic one is a row
+    assert [bench.variant_name(v) for v in bench.other_variants("bf16")] == ["cpu[tileA/epiA]", "cpu[tileA/epiB]"]
+    monkeypatch.setattr(_ext, "cpu_plan", lambda dtype: None)  # no plan: all but the automatic choice
+    assert [bench.variant_name(v) for v in bench.other_variants("bf16")] == ["cpu[tileB/epiA]", "cpu[tileA/epiB]"]
+    monkeypatch.setattr(_ext, "cpu_variants", lambda dtype: [])
+    assert bench.other_variants("bf16") == [] and bench.cpu_stamp("bf16") == (None, None)
+
+
+def test_cpu_default_fastest_within_the_tolerance():
+    """cpu_default_fastest: no passing variant beats the cpu row's median by more than 3 %."""
+
+    def case(n, cpu_ms, variants, cpu_verdict="PASS"):
+        cpu = bench.Row(n, 10, 4, "fp32", "l2", "cpu", "cpu", "backend", median_ms=cpu_ms, verdict=cpu_verdict)
+        cpu.cpu_tile, cpu.cpu_epilogue = "t", "e"
+        others = [
+            bench.Row(n, 10, 4, "fp32", "l2", "cpu", f"cpu[v{i}/e]", "variant", median_ms=ms, verdict=verdict)
+            for i, (ms, verdict) in enumerate(variants)
+        ]
+        gemm = bench.Row(n, 10, 4, "fp32", "l2", "cpu", "gemm", "baseline", median_ms=0.1)
+        return [gemm, cpu, *others]
+
+    rows = (
+        case(1, 1.00, [(1.20, "PASS"), (1.05, "PASS")])  # the fastest
+        + case(2, 1.00, [(0.98, "PASS"), (1.5, "PASS")])  # 2 % slower than a variant: noise, still the fastest
+        + case(3, 1.00, [(0.95, "PASS"), (0.90, "PASS")])  # beaten by 11 %
+        + case(4, 1.00, [(0.50, "FAIL(regret)"), (1.10, "PASS")])  # a failing variant does not count
+        + case(5, 1.00, [(None, "FAIL(RuntimeError: x)")])  # nothing to compare with
+        + case(6, None, [(1.0, "PASS")], cpu_verdict="FAIL(RuntimeError: x)")  # the default failed
+        + [bench.Row(7, 10, 4, "fp32", "l2", "cpu", "cpu", "backend", median_ms=1.0)]  # no variant rows: no entry
+    )
+    entries = {e["shape"][0]: e for e in bench.default_fastest(rows)}
+    assert sorted(entries) == [1, 2, 3, 4, 5, 6]
+    assert [entries[n]["cpu_default_fastest"] for n in range(1, 7)] == [True, True, False, True, None, None]
+    assert [entries[n]["fastest"] for n in range(1, 5)] == ["cpu", "cpu[v0/e]", "cpu[v1/e]", "cpu"]
+    assert entries[3]["default_over_fastest"] == pytest.approx(1 / 0.9)
+    assert entries[4]["median_ms"] == {"cpu": 1.0, "cpu[v1/e]": 1.1}
+    assert entries[1]["default"] == {"name": "cpu", "tile": "t", "epilogue": "e"} and entries[1]["tolerance"] == 0.03
+    lines = {n: bench.describe(e) for n, e in entries.items()}
+    assert "is the fastest of 3" in lines[1] and "next cpu[v1/e]" in lines[1]
+    assert "is the fastest within 3 %: cpu[v0/e]" in lines[2] and "1.02x faster" in lines[2]
+    assert "is NOT the fastest: cpu[v1/e] 0.9 ms is 1.11x faster than its 1 ms" in lines[3]
+    assert "not judged: no variant has a time" in lines[5] and "not judged: its row failed" in lines[6]
+    assert all(
+        line.startswith(f"cpu kernels at {n},10,4 fp32 l2: the default (t/e) ") for n, line in lines.items() if n != 6
+    )
+
+
+def test_readme_tables_come_from_the_committed_results():
+    """The README's op and layer tables are benchmarks/readme_tables.py's output for the committed JSON (a result
+    without kernel variants or few-rows shapes gives the same tables as before those existed)."""
+    readme = (ROOT / "README.md").read_text()
+    for kind, name in (("ops", "cpu-amd-epyc-2core-ops.json"), ("layer", "cpu-amd-epyc-2core-layer.json")):
+        path = ROOT / "benchmarks" / "results" / name
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), kind, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert out and out in readme, kind
 
 
 def _run_suites(*extra, env=None):

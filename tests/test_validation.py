@@ -1,5 +1,6 @@
 """Bad input gets a clear ValueError/TypeError naming the argument; backend selection explains itself."""
 
+import os
 import subprocess
 import sys
 
@@ -171,6 +172,63 @@ def test_info_lists_every_backend(capsys):
         for dev in b.devices:
             assert f"{dev:<5} {'available' if b.available(dev) else 'unavailable: ' + b.why_not(dev)}" in out
     assert "backends (each implements nearest_code, quantize, code_stats, sample_code):" in out
+    # the C++ CPU op's kernels, as far as the extension reports them
+    from vqkernels import _ext
+
+    data = info.collect()
+    assert data["cpu_features"] == _ext.cpu_features()
+    features = ", ".join(data["cpu_features"]) or "none reported"
+    assert f"{'cpu_features':<{max(map(len, data))}}  {features}\n" in out
+    plans = {dt: _ext.cpu_plan(dt) for dt in info.CPU_DTYPES}
+    assert {dt: (p["tile"], p["epilogue"]) for dt, p in data["cpu_plans"].items()} == {
+        dt: (p["tile"], p["epilogue"]) for dt, p in plans.items() if p is not None
+    }
+    if not data["cpu_plans"]:
+        assert "cpu kernels: not reported" in out
+
+
+def test_info_reports_the_cpu_kernels(capsys, monkeypatch):
+    """``info`` prints the CPU features and, per dtype, the tile kernel / epilogue that runs and every one that can
+    (here from a faked extension, the plan read from the environment like the C++ op reads it)."""
+    from vqkernels import _ext, info
+
+    def plan(dtype):
+        default = "avx512bf16" if dtype == "bf16" else ("mm" if dtype == "fp64" else "brgemm")
+        return {
+            "tile": os.environ.get(_ext.CPU_TILE_ENV, default),
+            "epilogue": os.environ.get(_ext.CPU_EPILOGUE_ENV, "avx512"),
+        }
+
+    def variants(dtype):
+        tiles = {"bf16": ("avx512bf16", "brgemm"), "fp64": ("mm",)}.get(dtype, ("brgemm",))
+        pairs = [(t, e) for t in tiles for e in ("avx512", "avx2", "scalar")]
+        return [{"tile": t, "epilogue": e, "env": {_ext.CPU_TILE_ENV: t, _ext.CPU_EPILOGUE_ENV: e}} for t, e in pairs]
+
+    monkeypatch.setattr(_ext, "cpu_plan", plan)
+    monkeypatch.setattr(_ext, "cpu_variants", variants)
+    monkeypatch.setattr(_ext, "cpu_features", lambda: ["avx2", "avx512f", "avx512bf16"])
+    monkeypatch.delenv(_ext.CPU_TILE_ENV, raising=False)
+    monkeypatch.setenv(_ext.CPU_EPILOGUE_ENV, "avx2")
+    data = info.collect()
+    assert data["cpu_features"] == ["avx2", "avx512f", "avx512bf16"]
+    assert list(data["cpu_plans"]) == ["fp32", "bf16", "fp16", "fp64"]
+    assert data["cpu_plans"]["bf16"] == {"tile": "avx512bf16", "epilogue": "avx2", "variants": variants("bf16")}
+    info.main([])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "cpu_features          avx2, avx512f, avx512bf16" in lines
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("cpu kernels"))
+    assert "VQK_CPU_EPILOGUE=avx2 is set" in lines[start]
+    block = lines[start + 1 : start + 5]
+    assert [ln.split()[:2] for ln in block] == [
+        ["fp32", "brgemm/avx2"],
+        ["bf16", "avx512bf16/avx2"],
+        ["fp16", "brgemm/avx2"],
+        ["fp64", "mm/avx2"],
+    ]
+    bf16 = "avx512bf16/avx512 (auto), avx512bf16/avx2, avx512bf16/scalar, brgemm/avx512, brgemm/avx2, brgemm/scalar"
+    assert block[1].endswith(f"can run: {bf16}")
+    assert lines[start + 5].startswith("backends (each implements")  # the backend block follows, unchanged
 
 
 @pytest.mark.parametrize("bd", BACKEND_DEVICES)

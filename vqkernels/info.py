@@ -1,8 +1,9 @@
-"""``python -m vqkernels.info``: versions, build flags, and every backend of the table with its ops and, per
-device type, whether it runs here and why not."""
+"""``python -m vqkernels.info``: versions, build flags, the CPU features and kernels of the C++ CPU op, and every
+backend of the table with its ops and, per device type, whether it runs here and why not."""
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -11,6 +12,39 @@ import torch
 from . import _ext
 from ._version import __version__
 from .dispatch import BACKENDS, OPS
+
+CPU_DTYPES = ("fp32", "bf16", "fp16", "fp64")
+"""The dtypes whose C++ CPU kernel choice ``info`` reports."""
+CPU_ENV_VARS = (_ext.CPU_TILE_ENV, _ext.CPU_EPILOGUE_ENV)
+"""The variables that force the C++ CPU op's tile kernel and epilogue (read by the op at every call)."""
+
+
+def cpu_plan(dtype: str) -> dict[str, str] | None:
+    """``{"tile", "epilogue"}`` the C++ CPU op runs for ``dtype`` under the environment in force now (None when the
+    extension does not say): :func:`vqkernels._ext.cpu_plan`, public for the benchmark."""
+    return _ext.cpu_plan(dtype)
+
+
+def cpu_variants(dtype: str) -> list[dict]:
+    """Every ``{"tile", "epilogue", "env"}`` the C++ CPU op can run for ``dtype`` here, the automatic choice first
+    (empty when the extension does not say): :func:`vqkernels._ext.cpu_variants`, public for the benchmark."""
+    return _ext.cpu_variants(dtype)
+
+
+def cpu_plans() -> dict[str, dict]:
+    """Per dtype of ``CPU_DTYPES`` that the extension reports: the tile kernel and epilogue under the environment in
+    force (:func:`cpu_plan`) and every variant that can run on this CPU (:func:`cpu_variants`)."""
+    out = {}
+    for dt in CPU_DTYPES:
+        plan, variants = cpu_plan(dt), cpu_variants(dt)
+        if plan is None and not variants:
+            continue
+        out[dt] = {
+            "tile": None if plan is None else plan["tile"],
+            "epilogue": None if plan is None else plan["epilogue"],
+            "variants": variants,
+        }
+    return out
 
 
 def collect() -> dict:
@@ -34,6 +68,8 @@ def collect() -> dict:
         "extension": "loaded" if _ext.available() else f"missing: {_ext.load_error}",
         "extension_cuda": _ext.with_cuda(),
         "cpu_bf16_tile_kernel": getattr(_ext.C, "cpu_bf16_tile_kernel", None) if _ext.available() else None,
+        "cpu_features": _ext.cpu_features(),
+        "cpu_plans": cpu_plans(),
         "backends": {name: {dev: b.why_not(dev) or "available" for dev in b.devices} for name, b in BACKENDS.items()},
     }
 
@@ -51,7 +87,6 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="with --kernels: sm_80 and/or sm_90")
     args = p.parse_args(argv)
     if args.kernels:
-        import os
         import subprocess
 
         # a fresh process: the compile check needs the real compiler (no TRITON_INTERPRET) and an empty cache
@@ -69,9 +104,12 @@ def main(argv=None) -> int:
     info = collect()
     width = max(len(k) for k in info)
     for key, value in info.items():
-        if key == "backends":
+        if key in ("backends", "cpu_plans"):
             continue
+        if key == "cpu_features":
+            value = ", ".join(value) or "none reported"
         print(f"{key:<{width}}  {value}")
+    print_cpu_kernels(info["cpu_plans"])
     print("backends (each implements " + ", ".join(OPS) + "):")
     for name, b in BACKENDS.items():
         print(f"  {name:<8} {b.summary}")
@@ -80,6 +118,24 @@ def main(argv=None) -> int:
             why = b.why_not(dev)
             print(f"           {dev:<5} {'available' if why is None else 'unavailable: ' + why}")
     return 0
+
+
+def print_cpu_kernels(plans: dict[str, dict]) -> None:
+    """The ``cpu kernels:`` block: per dtype, the tile kernel / epilogue that runs now and every one that can."""
+    if not plans:
+        print("cpu kernels: not reported (no extension, or one without cpu_plan)")
+        return
+    forced = " ".join(f"{k}={os.environ[k]}" for k in CPU_ENV_VARS if k in os.environ)
+    print(
+        f"cpu kernels (tile kernel/epilogue that runs, then every one that can; {_ext.CPU_TILE_ENV} and "
+        f"{_ext.CPU_EPILOGUE_ENV} force one{': ' + forced + ' is set' if forced else ''}):"
+    )
+    for dt, p in plans.items():
+        can = ", ".join(
+            f"{v['tile']}/{v['epilogue']}" + (" (auto)" if i == 0 else "") for i, v in enumerate(p["variants"])
+        )
+        now = f"{p['tile']}/{p['epilogue']}"
+        print(f"  {dt:<5} {now:<24} can run: {can or 'not reported'}")
 
 
 if __name__ == "__main__":

@@ -5,14 +5,16 @@
 One concern per module:
 
 =============  ==================================================================================================
-``cases``      dtype names, shape presets, the l2-only rule of the CPU default, time budgets, case list, inputs
+``cases``      dtype names, shape presets (the few-rows shapes), the l2-only rule of the CPU default, time budgets,
+               case list, inputs
 ``baselines``  the plain-PyTorch and third-party baselines (each with its formula) and the callables of a case
 ``timing``     median and 20 % / 80 % quantiles: ``torch.utils.benchmark`` (CPU), ``triton.testing.do_bench``
 ``memory``     peak extra memory of one call (RSS high-water mark on the CPU, torch's allocator on CUDA)
 ``check``      the correctness column: structural checks, then the oracle of :mod:`vqkernels.testing`
 ``machine``    device name, commit, date and load on top of :func:`vqkernels.info.collect`
 ``report``     the :class:`Row`, speed-ups, terminal table, plot, fastest backend per case, JSON
-``runner``     one case: every baseline and backend timed, measured and checked
+``runner``     one case: every baseline, backend and ``cpu`` kernel variant timed, measured and checked
+``variants``   the ``cpu`` backend's kernel variants: the stamp of a row, the variant rows, was the default fastest
 ``cli``        ``python -m vqkernels.bench``: options and ``main``
 ``layer``      ``python -m vqkernels.bench_layer``: the layer training-step benchmark
 =============  ==================================================================================================
@@ -39,6 +41,7 @@ from .cases import (
     DEFAULT_MIN_TIME,
     DEFAULT_SHAPES,
     DTYPES,
+    FEW_ROWS_SHAPES,
     PRESET_L2_ONLY,
     PRESETS,
     QUICK_MIN_TIME,
@@ -65,8 +68,20 @@ from .report import (
     write_json,
     write_json_atomic,
 )
-from .runner import run_case, run_one
+from .runner import CHECKED_KINDS, run_case, run_one
 from .timing import MIN_RUNS, Timing, measure_time, summarise, time_cpu, time_cuda
+from .variants import (
+    FASTEST_TOLERANCE,
+    VARIANT_BACKEND,
+    VARIANT_METRICS,
+    cpu_stamp,
+    default_fastest,
+    describe,
+    env_in_force,
+    forced_env,
+    other_variants,
+    variant_name,
+)
 
 __all__ = [
     "BASELINES",
@@ -84,6 +99,7 @@ __all__ = [
     "DEFAULT_MIN_TIME",
     "DEFAULT_SHAPES",
     "DTYPES",
+    "FEW_ROWS_SHAPES",
     "PRESET_L2_ONLY",
     "PRESETS",
     "QUICK_MIN_TIME",
@@ -118,6 +134,7 @@ __all__ = [
     "progress",
     "write_json",
     "write_json_atomic",
+    "CHECKED_KINDS",
     "run_case",
     "run_one",
     "MIN_RUNS",
@@ -126,4 +143,14 @@ __all__ = [
     "summarise",
     "time_cpu",
     "time_cuda",
+    "FASTEST_TOLERANCE",
+    "VARIANT_BACKEND",
+    "VARIANT_METRICS",
+    "cpu_stamp",
+    "default_fastest",
+    "describe",
+    "env_in_force",
+    "forced_env",
+    "other_variants",
+    "variant_name",
 ]

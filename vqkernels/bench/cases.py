@@ -21,7 +21,10 @@ DTYPES: dict[str, torch.dtype] = {
 Shape = tuple[int, int, int]  # (N rows, K codes, D features)
 Case = tuple[Shape, str, str]  # (shape, dtype name, metric)
 
-DEFAULT_SHAPES: tuple[Shape, ...] = ((4096, 1024, 64), (65536, 4096, 64), (16384, 16384, 256))
+FEW_ROWS_SHAPES: tuple[Shape, ...] = ((1, 1048576, 64), (64, 1048576, 64), (8, 262144, 256))
+"""A few rows against a huge codebook: retrieval, and the CVQ anchor search with the roles swapped (the op must stay
+near the GEMM alone, whose time is then reading the codebook)."""
+DEFAULT_SHAPES: tuple[Shape, ...] = ((4096, 1024, 64), (65536, 4096, 64), (16384, 16384, 256), *FEW_ROWS_SHAPES)
 QUICK_SHAPES: tuple[Shape, ...] = ((4096, 1024, 64), (1000, 257, 40))
 PRESETS: dict[str, tuple[Shape, ...]] = {
     "cpu-default": DEFAULT_SHAPES,  # a few minutes on 2 cores
@@ -40,7 +43,9 @@ PRESETS: dict[str, tuple[Shape, ...]] = {
 }
 """Shape presets (N rows x K codes x D features) named after the workloads they stand for."""
 
-PRESET_L2_ONLY: dict[str, frozenset[Shape]] = {"cpu-default": frozenset({(65536, 4096, 64), (16384, 16384, 256)})}
+PRESET_L2_ONLY: dict[str, frozenset[Shape]] = {
+    "cpu-default": frozenset({(65536, 4096, 64), (16384, 16384, 256), *FEW_ROWS_SHAPES})
+}
 """Shapes a preset runs with l2 only unless ``--metric`` says otherwise: cosine and dot take the same kernels with
 another epilogue, and timing them at every large shape would take the CPU default past a few minutes."""
 

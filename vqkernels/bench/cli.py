@@ -17,6 +17,11 @@ structure of the result, then the oracle of :mod:`vqkernels.testing` (fp64 brute
 on a sample of rows. The exit code is 1 when any check fails (a baseline that raises is reported as ERROR and
 does not fail the run).
 
+The ``cpu`` backend's rows say which tile kernel and epilogue ran (``cpu_tile``, ``cpu_epilogue``), and for l2 every
+other combination this CPU can run is timed and checked beside it on the same inputs, as a row named
+``cpu[<tile>/<epilogue>]`` (``--no-cpu-variants``: not); a line per case says whether the automatic choice was
+the fastest of them (JSON ``cpu_variants``).
+
 Examples::
 
     python -m vqkernels.bench                                  # default shapes, fp32 + bf16, every metric
@@ -52,6 +57,7 @@ from .check import CHECK_ROWS
 from .machine import machine_info
 from .report import Row, fastest_backends, fmt_ms, header_line, plot_speedups, print_table, progress, write_json
 from .runner import run_case
+from .variants import VARIANT_BACKEND, VARIANT_METRICS, default_fastest, describe, env_in_force
 
 
 def parse_shape(text: str) -> Shape:
@@ -146,6 +152,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-check", action="store_true", help="skip the fp64 correctness check")
     p.add_argument(
+        "--cpu-variants",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with the cpu backend, also time and check every other tile kernel / epilogue this CPU can run, "
+        f"metric {', '.join(VARIANT_METRICS)} only (default: on)",
+    )
+    p.add_argument(
         "--time-limit",
         type=float,
         default=None,
@@ -187,8 +200,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "min_time": args.min_time,
         "check": not args.no_check,
         "check_rows": CHECK_ROWS,
+        "cpu_variants": args.cpu_variants,
+        "cpu_env": env_in_force(),
         "complete": False,
     }
+    if args.cpu_variants and VARIANT_BACKEND in args.backend:
+        if config["cpu_env"]:
+            forced = " ".join(f"{k}={v}" for k, v in config["cpu_env"].items())
+            print(
+                f"note: {forced} is set: the {VARIANT_BACKEND} rows run that, not the automatic choice", file=sys.stderr
+            )
+        if not set(VARIANT_METRICS) & set(args.metric):
+            print(
+                f"note: the {VARIANT_BACKEND} kernel variants run with {', '.join(VARIANT_METRICS)} only",
+                file=sys.stderr,
+            )
     rows: list[Row] = []
     bar = progress(cases, desc="bench")
     deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
@@ -201,7 +227,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             break
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{','.join(map(str, shape))} {dtype_name} {metric}")
-        rows += run_case(shape, dtype_name, metric, args.device, args.backend, args.min_time, not args.no_check, peaks)
+        rows += run_case(
+            shape,
+            dtype_name,
+            metric,
+            args.device,
+            args.backend,
+            args.min_time,
+            not args.no_check,
+            peaks,
+            cpu_variants=args.cpu_variants,
+        )
         if args.json is not None:  # after every case: a run stopped from outside keeps what it measured
             config["cases_done"] = i + 1
             write_json(args.json, machine, config, rows)
@@ -214,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"fastest backend at {','.join(map(str, case['shape']))} {case['dtype']} {case['metric']}: "
             f"{case['fastest']} ({times})"
         )
+    for entry in default_fastest(rows):
+        print(describe(entry))
     if args.json is not None:
         write_json(args.json, machine, config, rows)
     if args.plot is not None:

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .baselines import BASELINES, SEARCH_BASELINES
+from .variants import default_fastest
 
 
 @dataclass
@@ -28,7 +29,10 @@ class Row:
     metric: str
     device: str
     name: str
-    kind: str  # "backend" or "baseline"
+    kind: str  # "backend", "baseline" or "variant" (the cpu backend with another tile kernel / epilogue forced)
+    cpu_tile: str | None = None  # cpu backend and its variants: the tile kernel that ran (vqkernels.info.cpu_plan)
+    cpu_epilogue: str | None = None  # ... and the epilogue
+    cpu_env: dict[str, str] | None = None  # variants: the environment that forced them
     median_ms: float | None = None
     p20_ms: float | None = None
     p80_ms: float | None = None
@@ -96,6 +100,7 @@ COLUMNS = (
     "dtype",
     "metric",
     "name",
+    "cpu kernel",
     "median ms",
     "p20-p80 ms (n)",
     "GFLOP/s",
@@ -108,7 +113,7 @@ COLUMNS = (
     "peak MiB",
     "check",
 )
-LEFT_COLUMNS = (0, 1, 2, 3, len(COLUMNS) - 1)  # text; the numbers are right-aligned
+LEFT_COLUMNS = (0, 1, 2, 3, 4, len(COLUMNS) - 1)  # text; the numbers are right-aligned
 
 
 def fmt_number(value: float | None, spec: str, suffix: str = "") -> str:
@@ -131,6 +136,7 @@ def format_row(r: Row) -> list[str]:
         r.dtype,
         r.metric,
         r.name,
+        "-" if r.cpu_tile is None else f"{r.cpu_tile}/{r.cpu_epilogue}",
         median,
         spread,
         fmt_number(r.gflops, ".1f"),
@@ -167,6 +173,7 @@ def print_table(rows: list[Row], header: str) -> None:
     cells = [format_row(r) for r in rows]
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         widths = [max(len(c) for c in col) for col in zip(COLUMNS, *cells)]
@@ -182,8 +189,9 @@ def print_table(rows: list[Row], header: str) -> None:
         table.add_column(col, justify="left" if i in LEFT_COLUMNS else "right", no_wrap=True)
     for r, line in zip(rows, cells):
         bad = r.failed or r.verdict.startswith("ERROR")
-        table.add_row(*line, style="red" if bad else ("bold" if r.kind == "backend" else None))
-    Console(width=max(180, Console().width)).print(table)
+        style = "red" if bad else {"backend": "bold", "variant": "italic"}.get(r.kind)
+        table.add_row(*map(escape, line), style=style)  # a variant's name has brackets, rich's markup
+    Console(width=max(220, Console().width)).print(table)
 
 
 def progress(items: list, **kwargs) -> Iterable:
@@ -235,8 +243,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def write_json(path: Path, machine: dict[str, Any], config: dict[str, Any], rows: list[Row]) -> None:
-    """``{"machine", "config", "rows", "fastest_backend"}``, every number as measured (times in ms); each row
-    stamped with device name, versions, commit and date."""
+    """``{"machine", "config", "rows", "fastest_backend", "cpu_variants"}``, every number as measured (times in
+    ms); each row stamped with device name, versions, commit and date; ``cpu_variants`` holds, per case with
+    variant rows, whether the ``cpu`` backend's automatic kernel choice was the fastest
+    (:func:`vqkernels.bench.variants.default_fastest`)."""
     # every row carries its stamp, so that rows merged from several runs keep where and when they were measured
     stamp = {
         k: machine.get(k) for k in ("device_name", "vqkernels", "torch", "torch_cuda", "triton", "git_commit", "date")
@@ -248,5 +258,12 @@ def write_json(path: Path, machine: dict[str, Any], config: dict[str, Any], rows
         d["stamp"] = stamp
         rows_json.append(d)
     write_json_atomic(
-        path, {"machine": machine, "config": config, "rows": rows_json, "fastest_backend": fastest_backends(rows)}
+        path,
+        {
+            "machine": machine,
+            "config": config,
+            "rows": rows_json,
+            "fastest_backend": fastest_backends(rows),
+            "cpu_variants": default_fastest(rows),
+        },
     )

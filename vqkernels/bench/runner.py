@@ -1,5 +1,6 @@
 """One case of the op benchmark (a shape, a dtype and a metric): every baseline and backend timed, its peak memory
-measured and, for the backends, its result checked."""
+measured and, for the backends, its result checked; the ``cpu`` backend's rows stamped with the tile kernel and
+epilogue that ran, and followed by one row per other kernel variant this CPU can run (:mod:`.variants`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from .check import check_quantized
 from .memory import measure_peak
 from .report import Row, add_ratios
 from .timing import measure_time
+from .variants import VARIANT_BACKEND, VARIANT_METRICS, cpu_stamp, forced_env, other_variants, variant_name
+
+CHECKED_KINDS = ("backend", "variant")
+"""The rows whose result is checked (and whose exception fails the run): the package's own op."""
 
 
 def run_one(
@@ -25,7 +30,8 @@ def run_one(
     check: bool,
     bound_s: float | None = None,
 ) -> None:
-    """Fill ``row`` with the timing, peak memory and (backends, unless ``check`` is off) verdict of ``fn``.
+    """Fill ``row`` with the timing, peak memory and (backends and variants, unless ``check`` is off) verdict of
+    ``fn``.
 
     Timing comes first: its warm-up keeps one-time costs (thread pools, JIT kernels) out of the peak memory of
     the single call that is then measured and checked.
@@ -37,7 +43,7 @@ def run_one(
     if bound_s is not None:
         row.bound_ms, row.pct_of_bound = bound_s * 1e3, 100 * bound_s / t.median
     row.peak_extra_mib, out = measure_peak(fn, row.device)
-    if row.kind == "backend":
+    if row.kind in CHECKED_KINDS:
         if check:
             verdict = check_quantized(x, codebook, row.metric, out)
             row.verdict, row.check = str(verdict), verdict.details
@@ -54,13 +60,27 @@ def run_case(
     min_time: float,
     check: bool,
     peaks: roofline.Peaks | None = None,
+    cpu_variants: bool = True,
 ) -> list[Row]:
-    """Every baseline and backend on one shape, dtype and metric; an exception fails that row only (a backend's:
-    FAIL; a baseline's: ERROR, which does not fail the run)."""
+    """Every baseline and backend on one shape, dtype and metric; an exception fails that row only (a backend's or
+    variant's: FAIL; a baseline's: ERROR, which does not fail the run).
+
+    The ``cpu`` row is stamped with the tile kernel and epilogue it ran; with ``cpu_variants`` and a metric of
+    ``VARIANT_METRICS`` it is followed by one ``variant`` row per other combination this CPU can run, on the same
+    inputs and callable, its environment forced around the whole measurement and restored afterwards."""
     n, k, d = shape
     x, codebook = make_inputs(n, k, d, DTYPES[dtype_name], device)
     bound_s = None if peaks is None else roofline.bound_seconds(n, k, d, x.dtype, peaks)
     rows = []
+
+    def measure(row: Row, fn: Callable[[], Any]) -> None:
+        try:
+            if row.name == VARIANT_BACKEND or row.kind == "variant":  # what runs under the environment in force
+                row.cpu_tile, row.cpu_epilogue = cpu_stamp(dtype_name)
+            run_one(row, fn, x, codebook, min_time, check, bound_s)
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking the others
+            row.verdict = f"{'FAIL' if row.kind in CHECKED_KINDS else 'ERROR'}({type(e).__name__}: {e})"
+
     for name, fn in baselines.make_callables(x, codebook, metric, backends).items():
         row = Row(n, k, d, dtype_name, metric, device, name, "baseline" if name in baselines.BASELINES else "backend")
         rows.append(row)
@@ -68,9 +88,12 @@ def run_case(
         if skip is not None:
             row.verdict = skip
             continue
-        try:
-            run_one(row, fn, x, codebook, min_time, check, bound_s)
-        except Exception as e:  # noqa: BLE001 - report, keep benchmarking the others
-            row.verdict = f"{'FAIL' if row.kind == 'backend' else 'ERROR'}({type(e).__name__}: {e})"
+        measure(row, fn)
+        if name == VARIANT_BACKEND and cpu_variants and metric in VARIANT_METRICS:
+            for v in other_variants(dtype_name):
+                vrow = Row(n, k, d, dtype_name, metric, device, variant_name(v), "variant", cpu_env=dict(v["env"]))
+                rows.append(vrow)
+                with forced_env(v["env"]):
+                    measure(vrow, fn)
     add_ratios(rows)
     return rows
