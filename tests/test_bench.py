@@ -46,10 +46,12 @@ def test_bench_quick_json(tmp_path):
         expected = backends | {"naive", "gemm", "gemm_out", "gemm_argmin"}
         expected |= ({"cdist_chunked"} | ({"vqp_layer"} if vqp else set())) if metric == "l2" else set()
         # the cpu backend's other kernel variants, l2 only (none while the extension does not list them)
-        variants = {bench.variant_name(v) for v in bench.other_variants(case[1])} if "cpu" in backends else set()
+        variants = (
+            {bench.variant_name(v) for v in bench.other_variants(case[1], case[0][0])} if "cpu" in backends else set()
+        )
         variants = variants if metric in bench.VARIANT_METRICS else set()
         assert {r["name"] for r in case_rows} == expected | variants
-        plan = _ext.cpu_plan(case[1]) or {"tile": None, "epilogue": None}
+        plan = _ext.cpu_plan(case[1], case[0][0]) or {"tile": None, "epilogue": None}
         bounds = {r["bound_ms"] for r in case_rows}
         assert len(bounds) == 1 and bounds.pop() > 0  # one roofline per case
         for r in case_rows:
@@ -213,10 +215,10 @@ def _fake_kernel_choice(monkeypatch):
     """Make vqkernels._ext report three cpu kernel variants forced by variables the op ignores (so all three run
     the same kernel and must pass), the plan read from those variables like the C++ op reads its own."""
 
-    def plan(dtype):
+    def plan(dtype, rows=None):
         return {"tile": os.environ.get(FAKE_TILE, "tileA"), "epilogue": os.environ.get(FAKE_EPILOGUE, "epiA")}
 
-    def variants(dtype):
+    def variants(dtype, rows=None):
         pairs = (("tileA", "epiA"), ("tileB", "epiA"), ("tileA", "epiB"))
         return [{"tile": t, "epilogue": e, "env": {FAKE_TILE: t, FAKE_EPILOGUE: e}} for t, e in pairs]
 
@@ -317,9 +319,9 @@ def test_other_variants_leave_out_the_plan_in_force(monkeypatch):
     assert [bench.variant_name(v) for v in bench.other_variants("bf16")] == ["cpu[tileB/epiA]", "cpu[tileA/epiB]"]
     monkeypatch.setenv(FAKE_TILE, "tileB")  # forced from outside: the cpu row runs tileB, the automatic one is a row
     assert [bench.variant_name(v) for v in bench.other_variants("bf16")] == ["cpu[tileA/epiA]", "cpu[tileA/epiB]"]
-    monkeypatch.setattr(_ext, "cpu_plan", lambda dtype: None)  # no plan: all but the automatic choice
+    monkeypatch.setattr(_ext, "cpu_plan", lambda dtype, rows=None: None)  # no plan: all but the automatic choice
     assert [bench.variant_name(v) for v in bench.other_variants("bf16")] == ["cpu[tileB/epiA]", "cpu[tileA/epiB]"]
-    monkeypatch.setattr(_ext, "cpu_variants", lambda dtype: [])
+    monkeypatch.setattr(_ext, "cpu_variants", lambda dtype, rows=None: [])
     assert bench.other_variants("bf16") == [] and bench.cpu_stamp("bf16") == (None, None)
 
 

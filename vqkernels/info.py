@@ -19,30 +19,39 @@ CPU_ENV_VARS = (_ext.CPU_TILE_ENV, _ext.CPU_EPILOGUE_ENV)
 """The variables that force the C++ CPU op's tile kernel and epilogue (read by the op at every call)."""
 
 
-def cpu_plan(dtype: str) -> dict[str, str] | None:
-    """``{"tile", "epilogue"}`` the C++ CPU op runs for ``dtype`` under the environment in force now (None when the
-    extension does not say): :func:`vqkernels._ext.cpu_plan`, public for the benchmark."""
-    return _ext.cpu_plan(dtype)
+def cpu_plan(dtype: str, rows: int | None = None) -> dict[str, str] | None:
+    """``{"tile", "epilogue"}`` the C++ CPU op runs for a search of ``rows`` input rows (default: a large batch) in
+    ``dtype`` under the environment in force now (None when the extension does not say):
+    :func:`vqkernels._ext.cpu_plan`, public for the benchmark."""
+    return _ext.cpu_plan(dtype) if rows is None else _ext.cpu_plan(dtype, rows)
 
 
-def cpu_variants(dtype: str) -> list[dict]:
-    """Every ``{"tile", "epilogue", "env"}`` the C++ CPU op can run for ``dtype`` here, the automatic choice first
-    (empty when the extension does not say): :func:`vqkernels._ext.cpu_variants`, public for the benchmark."""
-    return _ext.cpu_variants(dtype)
+def cpu_variants(dtype: str, rows: int | None = None) -> list[dict]:
+    """Every ``{"tile", "epilogue", "env"}`` the C++ CPU op can run for a search of ``rows`` input rows in ``dtype``
+    here, the automatic choice first (empty when the extension does not say): :func:`vqkernels._ext.cpu_variants`,
+    public for the benchmark."""
+    return _ext.cpu_variants(dtype) if rows is None else _ext.cpu_variants(dtype, rows)
+
+
+FEW_ROWS = 1
+"""The search ``info`` reports besides a large batch: one row (retrieval), which takes the GEMV tile kernel."""
 
 
 def cpu_plans() -> dict[str, dict]:
     """Per dtype of ``CPU_DTYPES`` that the extension reports: the tile kernel and epilogue under the environment in
-    force (:func:`cpu_plan`) and every variant that can run on this CPU (:func:`cpu_variants`)."""
+    force (:func:`cpu_plan`) and every variant that can run on this CPU (:func:`cpu_variants`), for a large batch
+    and, under ``few_rows``, for a single row."""
     out = {}
     for dt in CPU_DTYPES:
         plan, variants = cpu_plan(dt), cpu_variants(dt)
         if plan is None and not variants:
             continue
+        few = cpu_plan(dt, FEW_ROWS)
         out[dt] = {
             "tile": None if plan is None else plan["tile"],
             "epilogue": None if plan is None else plan["epilogue"],
             "variants": variants,
+            "few_rows": None if few is None else {**few, "variants": cpu_variants(dt, FEW_ROWS)},
         }
     return out
 
@@ -136,6 +145,9 @@ def print_cpu_kernels(plans: dict[str, dict]) -> None:
         )
         now = f"{p['tile']}/{p['epilogue']}"
         print(f"  {dt:<5} {now:<24} can run: {can or 'not reported'}")
+        few = p.get("few_rows")
+        if few is not None and (few["tile"], few["epilogue"]) != (p["tile"], p["epilogue"]):
+            print(f"  {'':<5} {few['tile'] + '/' + few['epilogue']:<24} for blocks of fewer than 16 rows")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def run_case(
     def measure(row: Row, fn: Callable[[], Any]) -> None:
         try:
             if row.name == VARIANT_BACKEND or row.kind == "variant":  # what runs under the environment in force
-                row.cpu_tile, row.cpu_epilogue = cpu_stamp(dtype_name)
+                row.cpu_tile, row.cpu_epilogue = cpu_stamp(dtype_name, n)
             run_one(row, fn, x, codebook, min_time, check, bound_s)
         except Exception as e:  # noqa: BLE001 - report, keep benchmarking the others
             row.verdict = f"{'FAIL' if row.kind in CHECKED_KINDS else 'ERROR'}({type(e).__name__}: {e})"
@@ -90,7 +90,7 @@ def run_case(
             continue
         measure(row, fn)
         if name == VARIANT_BACKEND and cpu_variants and metric in VARIANT_METRICS:
-            for v in other_variants(dtype_name):
+            for v in other_variants(dtype_name, n):
                 vrow = Row(n, k, d, dtype_name, metric, device, variant_name(v), "variant", cpu_env=dict(v["env"]))
                 rows.append(vrow)
                 with forced_env(v["env"]):

@@ -47,19 +47,19 @@ def forced_env(env: Mapping[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def cpu_stamp(dtype_name: str) -> tuple[str | None, str | None]:
-    """(tile kernel, epilogue) the ``cpu`` backend runs for ``dtype_name`` under the environment in force now;
-    (None, None) when the extension does not say."""
-    plan = info.cpu_plan(dtype_name)
+def cpu_stamp(dtype_name: str, rows: int | None = None) -> tuple[str | None, str | None]:
+    """(tile kernel, epilogue) the ``cpu`` backend runs for a search of ``rows`` input rows (default: a large batch)
+    in ``dtype_name`` under the environment in force now; (None, None) when the extension does not say."""
+    plan = info.cpu_plan(dtype_name, rows)
     return (None, None) if plan is None else (plan["tile"], plan["epilogue"])
 
 
-def other_variants(dtype_name: str) -> list[dict]:
-    """The variants of ``dtype_name`` that the ``cpu`` row itself does not run: every one of
-    :func:`vqkernels.info.cpu_variants` but the plan in force (the automatic choice, first in the list, when the
-    extension gives no plan). Empty without the extension's functions."""
-    variants = info.cpu_variants(dtype_name)
-    tile, epilogue = cpu_stamp(dtype_name)
+def other_variants(dtype_name: str, rows: int | None = None) -> list[dict]:
+    """The variants of a search of ``rows`` input rows in ``dtype_name`` that the ``cpu`` row itself does not run:
+    every one of :func:`vqkernels.info.cpu_variants` but the plan in force (the automatic choice, first in the
+    list, when the extension gives no plan). Empty without the extension's functions."""
+    variants = info.cpu_variants(dtype_name, rows)
+    tile, epilogue = cpu_stamp(dtype_name, rows)
     if tile is None:
         return variants[1:]
     return [v for v in variants if (v["tile"], v["epilogue"]) != (tile, epilogue)]

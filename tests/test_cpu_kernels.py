@@ -1,0 +1,159 @@
+"""The C++ CPU op's kernel choice (csrc/cpu/cpu_features.h): every tile kernel and epilogue this CPU can run,
+forced one by one through VQK_CPU_TILE / VQK_CPU_EPILOGUE, against the fp64 oracle; the automatic choice for CPUs
+this one is not (AMX, AVX2-only, aarch64, none of them); few rows against many codes (the code splits and their
+merge); and bad overrides."""
+
+import os
+
+import pytest
+import torch
+from helpers import METRICS, backend_devices, brute_distances, check_search, make_inputs
+
+import vqkernels as vq
+from vqkernels import _ext
+
+pytestmark = pytest.mark.skipif(("cpu", "cpu") not in backend_devices(), reason="C++ extension not built")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+# a block of many rows (GEMM tile kernels), of few (the GEMV kernel, code splits) and a single row (whose epilogue
+# folds codes, not rows, into its lanes)
+ROWS = {"many": (700, 900, 33), "few": (3, 5000, 40), "one": (1, 3000, 40)}
+
+
+def _variants():
+    out = []
+    for dt in DTYPES:
+        for regime, shape in ROWS.items():
+            for v in _ext.cpu_variants(dt, shape[0]):
+                out.append(pytest.param(dt, shape, v, id=f"{dt}-{regime}-{v['tile']}-{v['epilogue']}"))
+    return out
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    def force(v):
+        for k, val in v["env"].items():
+            monkeypatch.setenv(k, val)
+
+    return force
+
+
+@pytest.mark.parametrize("dt, shape, variant", _variants())
+def test_every_variant_matches_the_oracle(dt, shape, variant, forced):
+    forced(variant)
+    assert _ext.cpu_plan(dt, shape[0]) == {"tile": variant["tile"], "epilogue": variant["epilogue"]}
+    x, cb = make_inputs(*shape, DTYPES[dt], seed=7)
+    for metric in METRICS:
+        for exact in (False, True):
+            q = vq.quantize(x, cb, metric=metric, exact=exact, backend="cpu")
+            check_search(x, cb, metric, q.codes, q.dist, exact)
+            assert torch.equal(q.z_q, cb[q.codes])
+            assert torch.equal(q.counts, torch.bincount(q.codes, minlength=cb.shape[0]))
+
+
+def _integer_ties(n: int, k: int):
+    """Small-integer rows and codes with duplicates of every code at later indices: exact ties between different
+    codes, spread over tiles and (with few rows) code splits."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(-3, 4, (k // 4, 6), generator=g).double()
+    cb = torch.cat([base, base, base, base])  # code j ties with j + k/4, j + k/2, j + 3k/4
+    x = torch.randint(-3, 4, (n, 6), generator=g).double()
+    return x, cb
+
+
+@pytest.mark.parametrize("dt, shape, variant", _variants())
+def test_every_variant_sends_ties_to_the_lowest_index(dt, shape, variant, forced):
+    forced(variant)
+    x, cb = _integer_ties(shape[0], 4 * 4096)
+    for metric in ("l2", "dot"):
+        for exact in (False, True):
+            codes, _ = vq.nearest_code(x.to(DTYPES[dt]), cb.to(DTYPES[dt]), metric=metric, exact=exact, backend="cpu")
+            d64 = brute_distances(x, cb, metric, direct=True)
+            assert torch.equal(codes, d64.argmin(1)), (metric, exact)
+
+
+@pytest.mark.parametrize("n", [1, 2, 17])
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_few_rows_against_many_codes(n, dt):
+    """Few row blocks: the codes are split between threads and merged; exact mode's top lists merge too."""
+    x, cb = make_inputs(n, 150_000, 16, DTYPES[dt], seed=n)
+    cb[123_456] = x[0]  # row 0's exact match far into the codebook (a late split)
+    for metric in METRICS:
+        for exact in (False, True):
+            q = vq.quantize(x, cb, metric=metric, exact=exact, backend="cpu")
+            check_search(x, cb, metric, q.codes, q.dist, exact)
+            assert torch.equal(q.counts, torch.bincount(q.codes, minlength=cb.shape[0]))
+    assert int(vq.nearest_code(x, cb, backend="cpu")[0][0]) == 123_456
+
+
+def test_row_strided_codebook_is_read_in_place():
+    """Rows of a wider tensor (unit stride along D): the same answer as a contiguous copy, without making one."""
+    wide = torch.randn(3000, 48, generator=torch.Generator().manual_seed(1))
+    cb = wide[:, 5:37]
+    x = torch.randn(50, 32, generator=torch.Generator().manual_seed(2))
+    for n in (1, 50):
+        a = vq.quantize(x[:n], cb, backend="cpu")
+        b = vq.quantize(x[:n], cb.contiguous(), backend="cpu")
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.z_q, b.z_q)
+
+
+@pytest.mark.parametrize(
+    "dtype, features, rows, want",
+    [
+        # bf16: AMX tiles through ATen's brgemm where the CPU has them, else our AVX512-BF16 kernel, else brgemm
+        ("bf16", "avx2,avx512,avx512bf16,amx_bf16", 256, "brgemm+amx,avx512"),
+        ("bf16", "avx2,avx512,avx512bf16", 256, "avx512bf16,avx512"),
+        ("bf16", "avx2", 256, "brgemm,avx2"),
+        ("bf16", "", 256, "brgemm,scalar"),
+        ("fp16", "avx2,avx512,avx512bf16,amx_bf16,amx_fp16", 256, "brgemm+amx,avx512"),
+        ("fp16", "avx2,avx512,avx512bf16,amx_bf16", 256, "brgemm,avx512"),
+        ("fp32", "avx2,avx512,amx_bf16", 256, "brgemm,avx512"),
+        ("fp32", "neon", 256, "brgemm,neon"),
+        ("fp64", "avx2,avx512", 256, "mm,scalar"),
+        # few rows: the GEMV kernel on vector CPUs, whatever the bf16 tiles
+        ("bf16", "avx2,avx512,avx512bf16,amx_bf16", 8, "gemv,avx512"),
+        ("fp32", "avx2", 1, "gemv,avx2"),
+        ("fp32", "", 1, "brgemm,scalar"),
+        ("fp64", "avx2,avx512", 1, "mm,scalar"),
+    ],
+)
+def test_automatic_choice_per_cpu_class(dtype, features, rows, want):
+    assert _ext.C.cpu_choose(dtype, features, rows) == want
+
+
+def test_overrides_and_their_errors(monkeypatch):
+    features = _ext.cpu_features()
+    assert _ext.C.cpu_choose("bf16", "avx2,avx512,avx512bf16", 256, "brgemm") == "brgemm,avx512"
+    assert _ext.C.cpu_choose("fp32", "avx2,avx512", 256, None, "scalar") == "brgemm,scalar"
+    with pytest.raises(RuntimeError, match="no AVX512-BF16"):
+        _ext.C.cpu_choose("bf16", "avx2", 256, "avx512bf16")
+    with pytest.raises(RuntimeError, match="cannot run it"):
+        _ext.C.cpu_choose("fp32", "avx2", 256, None, "avx512")
+    with pytest.raises(ValueError, match="VQK_CPU_TILE must be"):
+        _ext.C.cpu_choose("fp32", "avx2", 256, "amx_magic")
+    with pytest.raises(ValueError, match="unknown CPU feature"):
+        _ext.C.cpu_choose("fp32", "sse9", 256)
+    # through the op: a bad value, or a kernel this CPU lacks, is a ValueError naming the variable
+    x, cb = make_inputs(10, 20, 8, torch.float32)
+    monkeypatch.setenv("VQK_CPU_EPILOGUE", "sse")
+    with pytest.raises(ValueError, match="VQK_CPU_EPILOGUE must be"):
+        vq.nearest_code(x, cb, backend="cpu")
+    monkeypatch.setenv("VQK_CPU_EPILOGUE", "avx512" if "avx512" not in features else "neon")
+    with pytest.raises(ValueError, match="VQK_CPU_EPILOGUE=.* cannot run it"):
+        vq.nearest_code(x, cb, backend="cpu")
+    monkeypatch.delenv("VQK_CPU_EPILOGUE")
+    # the older name of the bf16 override still works
+    monkeypatch.setenv("VQK_CPU_BF16_BRGEMM", "1")
+    assert _ext.cpu_plan("bf16")["tile"].startswith("brgemm")
+
+
+def test_info_reports_the_choice():
+    from vqkernels import info
+
+    data = info.collect()
+    assert data["cpu_features"] == _ext.cpu_features()
+    for dt in DTYPES:
+        p = data["cpu_plans"][dt]
+        assert {"tile": p["tile"], "epilogue": p["epilogue"]} == _ext.cpu_plan(dt)
+        assert {k: p["few_rows"][k] for k in ("tile", "epilogue")} == _ext.cpu_plan(dt, 1)
+    assert os.environ.get("VQK_CPU_TILE") is None  # nothing leaked from the tests above
