@@ -45,41 +45,48 @@ struct Outputs {
 
 int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
-// Per-code key terms (README "Method" §1.1) and fp64 norms, from the codes as stored. The norms (a square root per
-// code) only where something reads them: the cosine keys and exact mode.
+// Per-code key terms (README "Method" §1.1) and fp64 norms, from the codes as stored. Computed up front for all K
+// codes when several row blocks read them, else by each task for its tile only, into the task's buffers (a huge
+// codebook then costs no K-sized arrays). The norms (a square root per code, K of them) only where something reads
+// them: the cosine keys and exact mode.
 template <typename scalar_t>
 struct CodeTerms {
   using acc_t = typename AccOf<scalar_t>::type;
   Metric metric;
   bool want_norms;
-  std::vector<acc_t> w, o;
-  std::vector<double> sq, cnorm;
+  std::vector<acc_t> w, o;     // [K] when computed up front
+  std::vector<double> cnorm;   // [K] when wanted
 
-  CodeTerms(int64_t K, Metric metric_, bool exact)
-      : metric(metric_), want_norms(exact || metric_ == Metric::Cosine), w(K), o(K), sq(K), cnorm(want_norms ? K : 0) {}
+  CodeTerms(int64_t K, Metric metric_, bool exact, bool up_front)
+      : metric(metric_),
+        want_norms(exact || metric_ == Metric::Cosine),
+        w(up_front ? K : 0),
+        o(up_front ? K : 0),
+        cnorm(want_norms ? K : 0) {}
 
-  // codes [k0, k1) from their sums of squares in sq; false when one is not finite, i.e. the code holds a NaN or
-  // an Inf (no finite fp32 / bf16 / fp16 square overflows fp64; fp64 codes are checked element by element instead,
-  // by sum_squares_rows)
-  bool finish(int64_t k0, int64_t k1) {
+  // codes k0 .. k0 + n - 1 from their sums of squares sq[0 .. n) into w_out / o_out [0 .. n); false when one is
+  // not finite, i.e. the code holds a NaN or an Inf (no finite fp32 / bf16 / fp16 square overflows fp64; fp64
+  // codes are checked element by element instead, by sum_squares_rows)
+  bool finish(const double* sq, int64_t k0, int64_t n, acc_t* w_out, acc_t* o_out) {
     bool ok = true;
-    for (int64_t k = k0; k < k1; ++k) {
-      const double s = sq[k];
+    for (int64_t j = 0; j < n; ++j) {
+      const double s = sq[j];
       if constexpr (!std::is_same_v<scalar_t, double>) ok &= std::isfinite(s);
-      if (want_norms) cnorm[k] = std::sqrt(s);
+      const double norm = want_norms ? std::sqrt(s) : 0.0;
+      if (want_norms) cnorm[k0 + j] = norm;
       switch (metric) {
-        case Metric::L2: w[k] = acc_t(-2); o[k] = static_cast<acc_t>(s); break;
-        case Metric::Cosine: w[k] = static_cast<acc_t>(-1.0 / std::max(cnorm[k], num::kCosEps)); o[k] = acc_t(0); break;
-        case Metric::Dot: w[k] = acc_t(-1); o[k] = acc_t(0); break;
+        case Metric::L2: w_out[j] = acc_t(-2); o_out[j] = static_cast<acc_t>(s); break;
+        case Metric::Cosine: w_out[j] = static_cast<acc_t>(-1.0 / std::max(norm, num::kCosEps)); o_out[j] = acc_t(0); break;
+        case Metric::Dot: w_out[j] = acc_t(-1); o_out[j] = acc_t(0); break;
       }
     }
     return ok;
   }
 
-  // codes [k0, k1); false when one holds a NaN or Inf
-  bool compute(const RowMatrix<scalar_t>& cb, int64_t k0, int64_t k1) {
-    const bool ok = sum_squares_rows(cb, k0, k1, sq.data() + k0);
-    return finish(k0, k1) && ok;
+  // codes k0 .. k0 + n - 1 from the codebook (sq: n doubles of scratch); false when one holds a NaN or Inf
+  bool compute(const RowMatrix<scalar_t>& cb, int64_t k0, int64_t n, double* sq, acc_t* w_out, acc_t* o_out) {
+    const bool ok = sum_squares_rows(cb, k0, k0 + n, sq);
+    return finish(sq, k0, n, w_out, o_out) && ok;
   }
 
   double cmax() const { return cnorm.empty() ? 0.0 : *std::max_element(cnorm.begin(), cnorm.end()); }
@@ -135,11 +142,12 @@ void search_grid(const Gemm& gemm, const RowMatrix<scalar_t>& x, const RowMatrix
     for (int64_t i = i0; i < i1; ++i) xnorm[i] = std::sqrt(xsq[i]);
   });
 
-  CodeTerms<scalar_t> terms(K, metric, exact);
+  CodeTerms<scalar_t> terms(K, metric, exact, /*up_front=*/!fused_terms);
   std::atomic<bool> cb_finite{true};
   if (!fused_terms) {
     at::parallel_for(0, K, 1024, [&](int64_t k0, int64_t k1) {
-      if (!terms.compute(cb, k0, k1)) cb_finite = false;
+      std::vector<double> sq(k1 - k0);
+      if (!terms.compute(cb, k0, k1 - k0, sq.data(), terms.w.data() + k0, terms.o.data() + k0)) cb_finite = false;
     });
     TORCH_CHECK_VALUE(cb_finite.load(), "codebook contains non-finite values (NaN or Inf)");
   }
@@ -211,6 +219,9 @@ void search_grid(const Gemm& gemm, const RowMatrix<scalar_t>& x, const RowMatrix
     typename Gemm::Scratch scratch;
     std::vector<acc_t> sv(size_t(T) * mp);
     std::vector<int32_t> si(size_t(T) * mp);
+    // the tile's key terms, when the task computes them
+    std::vector<double> tsq(fused_terms ? BN : 0);
+    std::vector<acc_t> tw(fused_terms ? BN : 0), to(fused_terms ? BN : 0);
     bool terms_ok = true;
     int64_t* my_hist = private_hist ? hist.data() + size_t(at::get_thread_num()) * K : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
@@ -224,17 +235,17 @@ void search_grid(const Gemm& gemm, const RowMatrix<scalar_t>& x, const RowMatrix
         const int64_t nb = std::min(BN, k_hi - kb);
         if constexpr (FusesNorms<Gemm>::value) {
           if (fused_terms) {  // the squares in the GEMV's own pass over the codes, then the terms from them
-            gemm.tile_norms(scratch, kb, nb, m, tile.data(), ldt, terms.sq.data() + kb);
-            terms_ok &= terms.finish(kb, kb + nb);
+            gemm.tile_norms(scratch, kb, nb, m, tile.data(), ldt, tsq.data());
+            terms_ok &= terms.finish(tsq.data(), kb, nb, tw.data(), to.data());
           } else {
             gemm.tile(scratch, kb, nb, m, tile.data(), ldt);
           }
         } else {
-          if (fused_terms) terms_ok &= terms.compute(cb, kb, kb + nb);
+          if (fused_terms) terms_ok &= terms.compute(cb, kb, nb, tsq.data(), tw.data(), to.data());
           gemm.tile(scratch, kb, nb, m, tile.data(), ldt);
         }
-        const acc_t* w = terms.w.data() + kb;
-        const acc_t* o = terms.o.data() + kb;
+        const acc_t* w = fused_terms ? tw.data() : terms.w.data() + kb;
+        const acc_t* o = fused_terms ? to.data() : terms.o.data() + kb;
         if (exact) {
           top4_codes(epi, tile.data(), nb, ldt, m, w, o, static_cast<int32_t>(kb), sv.data(), si.data(), mp);
         } else {
@@ -329,8 +340,9 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
   const EpilogueKind epi = epilogue_kind(dtype);
   const TileKind tile = tile_kind(dtype, block_rows(x.size(0)));
   if (x.size(0) == 0) {  // nothing to search; the codebook is still checked (README "Method" §1.5)
-    CodeTerms<scalar_t> terms(cb.size(0), metric, exact);
-    TORCH_CHECK_VALUE(terms.compute(cm, 0, cb.size(0)), "codebook contains non-finite values (NaN or Inf)");
+    const int64_t K = cb.size(0);
+    std::vector<double> sq(K);
+    TORCH_CHECK_VALUE(sum_squares_rows(cm, 0, K, sq.data()), "codebook contains non-finite values (NaN or Inf)");
     return;
   }
 #ifdef VQK_X86
