@@ -49,15 +49,15 @@ PyObject* py_cpu_features(PyObject*, PyObject*) {
   return call_str([] { return cpu::cpu_features().names(); });
 }
 
-// cpu_choose(dtype, features, block_rows, tile_env, epilogue_env) -> "tile,epilogue": the choice a CPU with those
-// features would make for blocks of block_rows input rows (None for an override means unset).
+// cpu_choose(dtype, features, rows, tile_env, epilogue_env) -> "tile,epilogue": the choice a CPU with those
+// features would make for a search of `rows` input rows (None for an override means unset).
 PyObject* py_cpu_choose(PyObject*, PyObject* args) {
   const char *dtype, *features, *tile_env = nullptr, *epilogue_env = nullptr;
-  long long block_rows;
-  if (!PyArg_ParseTuple(args, "ssL|zz", &dtype, &features, &block_rows, &tile_env, &epilogue_env)) return nullptr;
+  long long rows;
+  if (!PyArg_ParseTuple(args, "ssL|zz", &dtype, &features, &rows, &tile_env, &epilogue_env)) return nullptr;
   return call_str([&] {
     const cpu::CpuFeatures f = cpu::features_from_names(features);
-    return cpu::tile_name(cpu::choose_tile(dtype, f, tile_env, nullptr, block_rows), dtype, f) + "," +
+    return cpu::tile_name(cpu::choose_tile(dtype, f, tile_env, nullptr, rows), dtype, f) + "," +
            cpu::epilogue_name(cpu::choose_epilogue(dtype, f, epilogue_env));
   });
 }
@@ -70,7 +70,7 @@ PyMethodDef methods[] = {
      "first"},
     {"cpu_features", py_cpu_features, METH_NOARGS, "cpu_features() -> comma list of the detected CPU features"},
     {"cpu_choose", py_cpu_choose, METH_VARARGS,
-     "cpu_choose(dtype, features, block_rows, tile_env=None, epilogue_env=None) -> 'tile,epilogue' for a CPU with "
+     "cpu_choose(dtype, features, rows, tile_env=None, epilogue_env=None) -> 'tile,epilogue' for a CPU with "
      "features"},
     {nullptr, nullptr, 0, nullptr}};
 

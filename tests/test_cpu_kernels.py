@@ -157,3 +157,27 @@ def test_info_reports_the_choice():
         assert {"tile": p["tile"], "epilogue": p["epilogue"]} == _ext.cpu_plan(dt)
         assert {k: p["few_rows"][k] for k in ("tile", "epilogue")} == _ext.cpu_plan(dt, 1)
     assert os.environ.get("VQK_CPU_TILE") is None  # nothing leaked from the tests above
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])
+def test_results_do_not_depend_on_the_thread_count(dt):
+    """Row blocks, code splits and which task computes the key terms all follow the thread count; the answer must
+    not (a layer under DDP with one thread per rank must agree with a run on more threads). fp64 is left out: its
+    tiles are at::mm's, whose BLAS sums a dot product in an order that depends on the tile's shape (its last bit
+    may differ)."""
+    old = torch.get_num_threads()
+    outs = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for n in (1, 9, 16, 40, 300):
+                x, cb = make_inputs(n, 3000, 24, DTYPES[dt], seed=n)
+                for exact in (False, True):
+                    q = vq.quantize(x, cb, metric="cosine", exact=exact, backend="cpu")
+                    outs.setdefault((n, exact), []).append((q.codes, q.dist, q.counts))
+    finally:
+        torch.set_num_threads(old)
+    for key, runs in outs.items():
+        for codes, dist, counts in runs[1:]:
+            assert torch.equal(codes, runs[0][0]) and torch.equal(dist, runs[0][1]), key
+            assert torch.equal(counts, runs[0][2]), key

@@ -147,7 +147,7 @@ def print_cpu_kernels(plans: dict[str, dict]) -> None:
         print(f"  {dt:<5} {now:<24} can run: {can or 'not reported'}")
         few = p.get("few_rows")
         if few is not None and (few["tile"], few["epilogue"]) != (p["tile"], p["epilogue"]):
-            print(f"  {'':<5} {few['tile'] + '/' + few['epilogue']:<24} for blocks of fewer than 16 rows")
+            print(f"  {'':<5} {few['tile'] + '/' + few['epilogue']:<24} for searches of fewer than 16 rows")
 
 
 if __name__ == "__main__":

@@ -108,14 +108,16 @@ const CpuFeatures& cpu_features() {
 }
 
 TileKind choose_tile(const std::string& dtype, const CpuFeatures& f, const char* tile_env,
-                     const char* bf16_brgemm_env, int64_t block_rows) {
+                     const char* bf16_brgemm_env, int64_t rows) {
   check_dtype(dtype);
   if (dtype == "fp64") return TileKind::Mm;  // no low-precision tile GEMM applies; VQK_CPU_TILE does not either
   if (is_auto(tile_env)) {
     if (dtype == "bf16" && bf16_brgemm_env != nullptr && std::strcmp(bf16_brgemm_env, "1") == 0)
       return TileKind::Brgemm;
-    // a GEMM kernel vectorises over the block's rows: with fewer than 16 most of its lanes would idle
-    if (block_rows < kGemvRows && (f.avx512 || f.avx2_fma)) return TileKind::Gemv;
+    // a GEMM kernel vectorises over a block's rows: with fewer than 16 in all, most of its lanes would idle. (The
+    // choice depends on N, not on the thread count, so that the answer does too: the kernels sum a dot product
+    // in different orders.)
+    if (rows < kGemvRows && (f.avx512 || f.avx2_fma)) return TileKind::Gemv;
     // bf16 on AMX: oneDNN's brgemm runs on the tiles, several times faster than vdpbf16ps (and than the GEMM of
     // torch.matmul on the same CPU, measured on Sapphire Rapids)
     if (dtype == "bf16" && f.avx512bf16 && !f.amx_bf16) return TileKind::Avx512Bf16;
@@ -161,10 +163,10 @@ int64_t block_rows(int64_t N) {
   return std::max<int64_t>(1, std::min<int64_t>(bm, (N + nthreads - 1) / nthreads));
 }
 
-TileKind tile_kind(const std::string& dtype, int64_t block_rows) {
+TileKind tile_kind(const std::string& dtype, int64_t rows) {
   try {
     return choose_tile(dtype, cpu_features(), std::getenv("VQK_CPU_TILE"), std::getenv("VQK_CPU_BF16_BRGEMM"),
-                       block_rows);
+                       rows);
   } catch (const std::exception& e) {
     TORCH_CHECK_VALUE(false, e.what());
   }
@@ -219,20 +221,19 @@ const char* epilogue_name(EpilogueKind kind) {
 }
 
 std::string cpu_plan(const std::string& dtype, int64_t rows) {
-  return tile_name(tile_kind(dtype, block_rows(rows)), dtype, cpu_features()) + "," +
+  return tile_name(tile_kind(dtype, rows), dtype, cpu_features()) + "," +
          epilogue_name(epilogue_kind(dtype));
 }
 
 std::string cpu_variants(const std::string& dtype, int64_t rows) {
   const CpuFeatures& f = cpu_features();
-  const int64_t bm = block_rows(rows);
-  const TileKind tile0 = choose_tile(dtype, f, nullptr, nullptr, bm);
+  const TileKind tile0 = choose_tile(dtype, f, nullptr, nullptr, rows);
   std::vector<TileKind> tiles{tile0};
   if (dtype != "fp64") {
     // the GEMV kernel only where it could be the right one (few rows): on big blocks it is no contender
     const std::pair<TileKind, bool> all[] = {{TileKind::Avx512Bf16, dtype == "bf16" && f.avx512bf16},
                                              {TileKind::Brgemm, true},
-                                             {TileKind::Gemv, bm < kGemvRows}};
+                                             {TileKind::Gemv, rows < kGemvRows}};
     for (const auto& [t, ok] : all)
       if (ok && t != tile0) tiles.push_back(t);
   }

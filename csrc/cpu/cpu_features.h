@@ -7,7 +7,7 @@
 // called when detection says it may run, so one binary runs on every CPU of its architecture.
 //
 // The choice, per call (README "Backends"):
-//   tile kernel  blocks of fewer than 16 input rows (few rows against many codes), fp32 / bf16 / fp16: our GEMV
+//   tile kernel  searches of fewer than 16 input rows (few rows against many codes), fp32 / bf16 / fp16: our GEMV
 //                kernel, vectorised over D (gemv_kernel.h), on CPUs with AVX2 or AVX-512. Otherwise bf16: ATen's
 //                brgemm when the CPU has usable AMX-BF16 (oneDNN runs it on AMX tiles), else our AVX512-BF16
 //                micro-kernel when the CPU has AVX512-BF16, else ATen's brgemm; fp16: ATen's brgemm (on AMX-FP16
@@ -45,22 +45,22 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();
 
 enum class TileKind { Brgemm, Avx512Bf16, Gemv, Mm };
-// Blocks of fewer input rows than this take the GEMV tile kernel.
+// Searches of fewer input rows than this take the GEMV tile kernel.
 constexpr int64_t kGemvRows = 16;
 enum class EpilogueKind { Scalar, Avx2, Avx512, Neon };
 
-// dtype: "fp32", "bf16", "fp16" or "fp64" (the accumulation and input types of the CPU ops); block_rows: the input
-// rows of a task's block (block_rows(N) for a search of N rows).
+// dtype: "fp32", "bf16", "fp16" or "fp64" (the accumulation and input types of the CPU ops); rows: the input rows
+// N of the search.
 // The choice for this dtype under `features`, with the overrides `tile_env` / `epilogue_env` (null or "auto": the
 // automatic choice). Throws std::invalid_argument for an unknown name and std::runtime_error for a kernel that
 // `features` cannot run.
 TileKind choose_tile(const std::string& dtype, const CpuFeatures& features, const char* tile_env,
-                     const char* bf16_brgemm_env, int64_t block_rows);
+                     const char* bf16_brgemm_env, int64_t rows);
 EpilogueKind choose_epilogue(const std::string& dtype, const CpuFeatures& features, const char* epilogue_env);
 
 // The same with this CPU's features and the environment (what a call runs now); a bad or impossible override
 // raises a ValueError naming the variable.
-TileKind tile_kind(const std::string& dtype, int64_t block_rows);
+TileKind tile_kind(const std::string& dtype, int64_t rows);
 EpilogueKind epilogue_kind(const std::string& dtype);
 
 // Input rows per task block of a search of N rows: VQK_CPU_BM (default 256), fewer when N is small so that every

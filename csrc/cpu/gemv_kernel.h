@@ -1,4 +1,4 @@
-// A tile kernel for blocks of fewer than 16 input rows (retrieval; one row, or a few, against a huge codebook), of
+// A tile kernel for searches of fewer than 16 input rows (retrieval; one row, or a few, against a huge codebook), of
 // tile_gemm.h's interface. A GEMM kernel vectorises over the input rows of the tile, so with one or a few rows most
 // of its lanes idle; this kernel vectorises over D instead: each code row is read once, where it lies, converted to
 // fp32 on the fly (bf16 and fp16 exactly), multiplied by every input row of the block (packed in fp32, in L1) and

@@ -338,7 +338,7 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
   const RowMatrix<scalar_t> cm{cb.const_data_ptr<scalar_t>(), cb.stride(0), cb.size(0), cb.size(1)};
   const std::string dtype = dtype_name(x.scalar_type());
   const EpilogueKind epi = epilogue_kind(dtype);
-  const TileKind tile = tile_kind(dtype, block_rows(x.size(0)));
+  const TileKind tile = tile_kind(dtype, x.size(0));
   if (x.size(0) == 0) {  // nothing to search; the codebook is still checked (README "Method" §1.5)
     const int64_t K = cb.size(0);
     std::vector<double> sq(K);
