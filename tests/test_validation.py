@@ -192,14 +192,14 @@ def test_info_reports_the_cpu_kernels(capsys, monkeypatch):
     (here from a faked extension, the plan read from the environment like the C++ op reads it)."""
     from vqkernels import _ext, info
 
-    def plan(dtype):
+    def plan(dtype, rows=None):
         default = "avx512bf16" if dtype == "bf16" else ("mm" if dtype == "fp64" else "brgemm")
         return {
             "tile": os.environ.get(_ext.CPU_TILE_ENV, default),
             "epilogue": os.environ.get(_ext.CPU_EPILOGUE_ENV, "avx512"),
         }
 
-    def variants(dtype):
+    def variants(dtype, rows=None):
         tiles = {"bf16": ("avx512bf16", "brgemm"), "fp64": ("mm",)}.get(dtype, ("brgemm",))
         pairs = [(t, e) for t in tiles for e in ("avx512", "avx2", "scalar")]
         return [{"tile": t, "epilogue": e, "env": {_ext.CPU_TILE_ENV: t, _ext.CPU_EPILOGUE_ENV: e}} for t, e in pairs]
@@ -212,7 +212,13 @@ def test_info_reports_the_cpu_kernels(capsys, monkeypatch):
     data = info.collect()
     assert data["cpu_features"] == ["avx2", "avx512f", "avx512bf16"]
     assert list(data["cpu_plans"]) == ["fp32", "bf16", "fp16", "fp64"]
-    assert data["cpu_plans"]["bf16"] == {"tile": "avx512bf16", "epilogue": "avx2", "variants": variants("bf16")}
+    few = {"tile": "avx512bf16", "epilogue": "avx2", "variants": variants("bf16", 1)}  # the fake ignores rows
+    assert data["cpu_plans"]["bf16"] == {
+        "tile": "avx512bf16",
+        "epilogue": "avx2",
+        "variants": variants("bf16"),
+        "few_rows": few,
+    }
     info.main([])
     out = capsys.readouterr().out
     lines = out.splitlines()

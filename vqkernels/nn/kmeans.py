@@ -365,11 +365,13 @@ def _finish(
     iterations: int,
     codes: Tensor | None = None,
 ) -> KMeansResult:
-    """Round the centroids to ``out_dtype``; assign and score every row against the rounded centroids."""
+    """Round the centroids to ``out_dtype``; assign and score every row against the rounded centroids (exactly:
+    the reported codes are the fp64 nearest centroids, so a row with an exact copy among them scores 0 whatever
+    the fast search's rounding)."""
     centroids = c.to(out_dtype)
     cw = centroids.to(xs.dtype)
     if codes is None or out_dtype != xs.dtype:  # ``codes`` are only valid for unrounded, unchanged centroids
-        codes, _ = nearest_code(xs, cw, metric=metric, backend=backend)
+        codes, _ = nearest_code(xs, cw, metric=metric, exact=True, backend=backend)
     return KMeansResult(centroids, codes, _inertia(xs, cw, codes, metric), iterations)
 
 
