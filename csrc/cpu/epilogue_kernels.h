@@ -43,7 +43,26 @@ inline void argmin_group(const typename V::T* tile, int64_t nb, int64_t ld, int6
     b[g] = V::load(best + r + g * V::L);
     bi[g] = V::loadi(bidx + r + g * V::L);
   }
-  for (int64_t j = 0; j < nb; ++j) {
+  // Two codes a step: their own minimum first (the lower code on a tie), then one compare with the running best,
+  // so the chain through b has one compare-select per two codes.
+  int64_t j = 0;
+  for (; j + 2 <= nb; j += 2) {
+    const typename V::F w0 = V::set1(w[j]), o0 = V::set1(o[j]), w1 = V::set1(w[j + 1]), o1 = V::set1(o[j + 1]);
+    const typename V::I j0 = V::set1i(kb + static_cast<int32_t>(j)), j1 = V::set1i(kb + static_cast<int32_t>(j + 1));
+    const typename V::T* t0 = tile + j * ld + r;
+    const typename V::T* t1 = t0 + ld;
+    for (int g = 0; g < G; ++g) {
+      const typename V::F k0 = V::fma(V::load(t0 + g * V::L), w0, o0);
+      const typename V::F k1 = V::fma(V::load(t1 + g * V::L), w1, o1);
+      const typename V::M second = V::lt(k1, k0);
+      const typename V::F key = V::sel(second, k1, k0);
+      const typename V::I idx = V::seli(second, j1, j0);
+      const typename V::M lt = V::lt(key, b[g]);
+      b[g] = V::sel(lt, key, b[g]);
+      bi[g] = V::seli(lt, idx, bi[g]);
+    }
+  }
+  if (j < nb) {
     const typename V::F wj = V::set1(w[j]), oj = V::set1(o[j]);
     const typename V::I jv = V::set1i(kb + static_cast<int32_t>(j));
     const typename V::T* t = tile + j * ld + r;
@@ -110,9 +129,23 @@ template <class V>
 inline void argmin_codes(const typename V::T* tile, int64_t nb, int64_t ld, int64_t m, const typename V::T* w,
                          const typename V::T* o, int32_t kb, typename V::T* best, int32_t* bidx) {
   if (m == 1 && ld == 1) return argmin_row<V>(tile, nb, w, o, kb, best, bidx);
-  int64_t r = 0;
-  for (; r + 4 * V::L <= m; r += 4 * V::L) argmin_group<V, 4>(tile, nb, ld, r, w, o, kb, best, bidx);
-  for (; r < m; r += V::L) argmin_group<V, 1>(tile, nb, ld, r, w, o, kb, best, bidx);
+  // vectors of rows, at most 4 interleaved per pass over the tile (the last vector may run into the padding)
+  for (int64_t r = 0; r < m;) {
+    const int64_t left = (m - r + V::L - 1) / V::L;
+    if (left >= 4) {
+      argmin_group<V, 4>(tile, nb, ld, r, w, o, kb, best, bidx);
+      r += 4 * V::L;
+    } else if (left == 3) {
+      argmin_group<V, 3>(tile, nb, ld, r, w, o, kb, best, bidx);
+      r += 3 * V::L;
+    } else if (left == 2) {
+      argmin_group<V, 2>(tile, nb, ld, r, w, o, kb, best, bidx);
+      r += 2 * V::L;
+    } else {
+      argmin_group<V, 1>(tile, nb, ld, r, w, o, kb, best, bidx);
+      r += V::L;
+    }
+  }
 }
 
 // The kTopT smallest (key, code) of m rows, sorted by (key, code), over the codes of a tile. State: topv / topi

@@ -14,11 +14,20 @@ from .cases import DTYPES, Shape, make_inputs
 from .check import check_quantized
 from .memory import measure_peak
 from .report import Row, add_ratios
-from .timing import measure_time
+from .timing import Timing, measure_time
 from .variants import VARIANT_BACKEND, VARIANT_METRICS, cpu_stamp, forced_env, other_variants, variant_name
 
 CHECKED_KINDS = ("backend", "variant")
 """The rows whose result is checked (and whose exception fails the run): the package's own op."""
+
+
+def record_timing(row: Row, t: Timing, bound_s: float | None = None) -> None:
+    """The timing columns of ``row`` from ``t`` (seconds in, milliseconds and rates out)."""
+    row.median_ms, row.p20_ms, row.p80_ms, row.samples = t.median * 1e3, t.p20 * 1e3, t.p80 * 1e3, t.samples
+    row.gflops = 2 * row.N * row.K * row.D / t.median / 1e9
+    row.dists_per_s = row.N * row.K / t.median
+    if bound_s is not None:
+        row.bound_ms, row.pct_of_bound = bound_s * 1e3, 100 * bound_s / t.median
 
 
 def run_one(
@@ -36,12 +45,7 @@ def run_one(
     Timing comes first: its warm-up keeps one-time costs (thread pools, JIT kernels) out of the peak memory of
     the single call that is then measured and checked.
     """
-    t = measure_time(fn, row.device, min_time)
-    row.median_ms, row.p20_ms, row.p80_ms, row.samples = t.median * 1e3, t.p20 * 1e3, t.p80 * 1e3, t.samples
-    row.gflops = 2 * row.N * row.K * row.D / t.median / 1e9
-    row.dists_per_s = row.N * row.K / t.median
-    if bound_s is not None:
-        row.bound_ms, row.pct_of_bound = bound_s * 1e3, 100 * bound_s / t.median
+    record_timing(row, measure_time(fn, row.device, min_time), bound_s)
     row.peak_extra_mib, out = measure_peak(fn, row.device)
     if row.kind in CHECKED_KINDS:
         if check:
@@ -90,10 +94,23 @@ def run_case(
             continue
         measure(row, fn)
         if name == VARIANT_BACKEND and cpu_variants and metric in VARIANT_METRICS:
+            timed = [(row, {})]
             for v in other_variants(dtype_name, n):
                 vrow = Row(n, k, d, dtype_name, metric, device, variant_name(v), "variant", cpu_env=dict(v["env"]))
                 rows.append(vrow)
                 with forced_env(v["env"]):
                     measure(vrow, fn)
+                timed.append((vrow, v["env"]))
+            # A second timing pass in the reverse order, each row keeping its faster pass: the first row of a
+            # sequence would otherwise carry whatever drifts during it (a neighbour's load, clocks), and "is the
+            # default the fastest" compares rows measured seconds apart.
+            if len(timed) > 1:
+                for r, env in reversed(timed):
+                    if r.median_ms is None or r.verdict.startswith(("FAIL", "ERROR")):
+                        continue
+                    with forced_env(env):
+                        t = measure_time(fn, device, min_time)
+                    if t.median * 1e3 < r.median_ms:
+                        record_timing(r, t, bound_s)
     add_ratios(rows)
     return rows
