@@ -16,7 +16,16 @@ CB = torch.randn(6, 4)
 
 SEARCH_CASES = [
     ("x 1-D", dict(x=torch.randn(4)), ValueError, "x must be a 2-D"),
-    ("x 3-D", dict(x=torch.randn(2, 3, 4)), ValueError, "x must be a 2-D"),
+    ("x 4-D", dict(x=torch.randn(2, 2, 3, 4)), ValueError, "x must be a 2-D"),
+    ("x 3-D, codebook 2-D", dict(x=torch.randn(2, 3, 4)), ValueError, "both batched 3-D"),
+    ("codebook 3-D, x 2-D", dict(codebook=torch.randn(2, 6, 4)), ValueError, "both batched 3-D"),
+    (
+        "batched G mismatch",
+        dict(x=torch.randn(2, 3, 4), codebook=torch.randn(3, 6, 4)),
+        ValueError,
+        "same number of groups",
+    ),
+    ("batched empty codebook", dict(x=torch.randn(2, 3, 4), codebook=torch.randn(2, 0, 4)), ValueError, "one code"),
     ("codebook 1-D", dict(codebook=torch.randn(4)), ValueError, "codebook must be a 2-D"),
     ("D mismatch", dict(codebook=torch.randn(6, 5)), ValueError, "same D"),
     ("empty codebook", dict(codebook=torch.randn(0, 4)), ValueError, "at least one code"),
@@ -83,6 +92,12 @@ CODE_STATS_CASES = [
     ("codes int32", dict(codes=torch.zeros(10, dtype=torch.int32)), TypeError, "codes must be int64"),
     ("codes wrong length", dict(codes=torch.zeros(9, dtype=torch.int64)), ValueError, "codes must have shape"),
     ("codes 2-D", dict(codes=torch.zeros(10, 1, dtype=torch.int64)), ValueError, "codes must have shape"),
+    (
+        "batched codes 1-D",
+        dict(x=torch.randn(2, 10, 4), codes=torch.zeros(10, dtype=torch.int64)),
+        ValueError,
+        "codes must have shape",
+    ),
     ("num_codes 0", dict(num_codes=0), ValueError, "num_codes"),
     ("num_codes float", dict(num_codes=3.0), ValueError, "num_codes"),
     ("x integer", dict(x=torch.ones(10, 4, dtype=torch.int64)), TypeError, "x must be float"),

@@ -49,6 +49,7 @@ __all__ = [
     "draw_seed",
     "check_matrix",
     "check_pair",
+    "check_operand",
     "check_finite",
     "resolve_backend",
 ]
@@ -72,27 +73,33 @@ class Quantized(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------
 # Fakes: shapes and dtypes only, one per op name, shared by every backend.
 # ---------------------------------------------------------------------------------------------------------------
+# Every op also takes the batched form (README "Method" §1.6): a leading group axis G on every operand, group g
+# searching its own codebook: x [G, N, D], codebook [G, K, D] -> codes [G, N], ..., counts [G, K].
 def _fake_nearest_code(x: Tensor, codebook: Tensor, metric: str, exact: bool) -> tuple[Tensor, Tensor]:
-    n = x.shape[0]
-    return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=acc_dtype(x.dtype))
+    lead = x.shape[:-1]
+    return x.new_empty(lead, dtype=torch.int64), x.new_empty(lead, dtype=acc_dtype(x.dtype))
 
 
 def _fake_quantize(x: Tensor, codebook: Tensor, metric: str, exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     codes, dist = _fake_nearest_code(x, codebook, metric, exact)
     return (
         codes,
-        codebook.new_empty(x.shape[0], codebook.shape[1]),
+        codebook.new_empty(*x.shape[:-1], codebook.shape[-1]),
         dist,
-        x.new_empty(codebook.shape[0], dtype=torch.int64),
+        x.new_empty(codebook.shape[:-1], dtype=torch.int64),
     )
 
 
 def _fake_code_stats(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
-    return (x.new_empty(num_codes, x.shape[1], dtype=acc_dtype(x.dtype)), x.new_empty(num_codes, dtype=torch.int64))
+    lead = x.shape[:-2]
+    return (
+        x.new_empty(*lead, num_codes, x.shape[-1], dtype=acc_dtype(x.dtype)),
+        x.new_empty(*lead, num_codes, dtype=torch.int64),
+    )
 
 
 def _fake_sample_code(x: Tensor, codebook: Tensor, metric: str, seed: int) -> Tensor:
-    return x.new_empty(codebook.shape[0], dtype=torch.int64)
+    return x.new_empty(codebook.shape[:-1], dtype=torch.int64)
 
 
 _FAKES = {
@@ -112,7 +119,7 @@ def _quantize_autograd(code_stats_op: Callable) -> tuple[Callable, Callable]:
         _, codebook, _, _ = inputs
         codes, _, dist, counts = output
         ctx.save_for_backward(codes)
-        ctx.num_codes = codebook.shape[0]
+        ctx.num_codes = codebook.shape[-2]
         ctx.cb_dtype = codebook.dtype
         ctx.mark_non_differentiable(codes, dist, counts)
 
@@ -158,17 +165,43 @@ def check_matrix(t: object, name: str) -> None:
         raise TypeError(f"{name} must be float64/float32/bfloat16/float16; got {t.dtype}")
 
 
-def check_pair(x: object, codebook: object, metric: str, same_dtype: bool = True) -> None:
-    """x ``[N, D]`` and codebook ``[K >= 1, D]``: floating, same D and device (and dtype); a known metric."""
-    check_matrix(x, "x")
-    check_matrix(codebook, "codebook")
+def check_operand(t: object, name: str, ranks: tuple[int, ...] = (2, 3)) -> None:
+    """``t`` is a floating tensor (fp64/fp32/bf16/fp16) of rank 2 ``[rows, D]`` or, batched, 3 ``[G, rows, D]``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dim() not in ranks:
+        raise ValueError(
+            f"{name} must be a 2-D tensor [rows, D] or a batched 3-D tensor [G, rows, D]; got shape {tuple(t.shape)}"
+        )
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float64/float32/bfloat16/float16; got {t.dtype}")
+
+
+def check_pair(x: object, codebook: object, metric: str, same_dtype: bool = True, batched: bool = True) -> None:
+    """x ``[N, D]`` and codebook ``[K >= 1, D]`` (or, with ``batched``, ``[G, N, D]`` and ``[G, K >= 1, D]``):
+    floating, same rank, G, D and device (and dtype); a known metric."""
+    if not batched:
+        check_matrix(x, "x")
+        check_matrix(codebook, "codebook")
+    check_operand(x, "x")
+    check_operand(codebook, "codebook")
+    if x.dim() != codebook.dim():
+        raise ValueError(
+            f"x and codebook must both be 2-D or both batched 3-D; got x {tuple(x.shape)} and codebook "
+            f"{tuple(codebook.shape)}"
+        )
+    if x.dim() == 3 and x.shape[0] != codebook.shape[0]:
+        raise ValueError(
+            f"batched x and codebook must have the same number of groups G; got x {tuple(x.shape)} and codebook "
+            f"{tuple(codebook.shape)}"
+        )
     if same_dtype and x.dtype != codebook.dtype:
         raise TypeError(f"x and codebook must have the same dtype; got {x.dtype} and {codebook.dtype}")
     if x.device != codebook.device:
         raise ValueError(f"x and codebook must be on the same device; got {x.device} and {codebook.device}")
-    if codebook.shape[0] == 0:
+    if codebook.shape[-2] == 0:
         raise ValueError("codebook must hold at least one code; got K = 0")
-    if x.shape[1] != codebook.shape[1]:
+    if x.shape[-1] != codebook.shape[-1]:
         raise ValueError(
             f"x and codebook must have the same D; got x {tuple(x.shape)} and codebook {tuple(codebook.shape)}"
         )
@@ -216,6 +249,9 @@ def nearest_code(
     Returns:
         ``(codes, dist)``: int64 ``[N]`` (ties -> lowest index) and fp32 ``[N]`` (fp64 for fp64 inputs).
 
+    Batched: ``x [G, N, D]`` and ``codebook [G, K, D]`` search G codebooks in one launch (row ``x[g, i]`` only
+    among ``codebook[g]``) -> ``codes [G, N]`` in ``[0, K)``, ``dist [G, N]``; same precision, tie and exact rules.
+
     Example:
         >>> x, cb = torch.randn(1000, 64), torch.randn(512, 64)
         >>> codes, dist = nearest_code(x, cb)
@@ -231,7 +267,9 @@ def quantize(
     """Fused search + gather + usage histogram.
 
     Same arguments as :func:`nearest_code`. Returns :class:`Quantized` ``(codes [N], z_q [N, D], dist [N],
-    counts [K])``; ``z_q`` is differentiable w.r.t. ``codebook`` (its backward is :func:`code_stats`).
+    counts [K])``; ``z_q`` is differentiable w.r.t. ``codebook`` (its backward is :func:`code_stats`). Batched
+    (``x [G, N, D]``, ``codebook [G, K, D]``): ``codes [G, N]``, ``z_q [G, N, D]``, ``dist [G, N]``,
+    ``counts [G, K]``.
 
     Example:
         >>> q = quantize(torch.randn(1000, 64), torch.randn(512, 64, requires_grad=True))
@@ -251,15 +289,17 @@ def code_stats(x: Tensor, codes: Tensor, num_codes: int, *, backend: str = "auto
         num_codes: K.
 
     Returns:
-        ``(sums, counts)``: fp32 ``[K, D]`` (fp64 for fp64 ``x``) and int64 ``[K]``.
+        ``(sums, counts)``: fp32 ``[K, D]`` (fp64 for fp64 ``x``) and int64 ``[K]``. Batched (``x [G, N, D]``,
+        ``codes [G, N]``, each group's codes in ``[0, num_codes)``): ``sums [G, K, D]``, ``counts [G, K]``.
     """
-    check_matrix(x, "x")
+    check_operand(x, "x")
     if not isinstance(codes, Tensor):
         raise TypeError(f"codes must be a torch.Tensor; got {type(codes).__name__}")
     if codes.dtype != torch.int64:
         raise TypeError(f"codes must be int64; got {codes.dtype}")
-    if codes.dim() != 1 or codes.shape[0] != x.shape[0]:
-        raise ValueError(f"codes must have shape [N] = [{x.shape[0]}]; got {tuple(codes.shape)}")
+    if tuple(codes.shape) != tuple(x.shape[:-1]):
+        want = "[N]" if x.dim() == 2 else "[G, N]"
+        raise ValueError(f"codes must have shape {want} = {list(x.shape[:-1])}; got {tuple(codes.shape)}")
     if codes.device != x.device:
         raise ValueError(f"x and codes must be on the same device; got {x.device} and {codes.device}")
     if isinstance(num_codes, bool) or not isinstance(num_codes, int) or num_codes < 1:
@@ -287,14 +327,16 @@ def sample_code(
         backend: as for :func:`nearest_code`.
 
     Returns:
-        int64 ``[K]``: the row drawn for each code.
+        int64 ``[K]``: the row drawn for each code. Batched (``x [G, N, D]``, ``codebook [G, K, D]``): int64
+        ``[G, K]``, rows of group g drawn for its codes, with code k of group g keyed as code ``g * K + k`` (the
+        groups draw independent noise).
 
     Example:
         >>> rows = sample_code(torch.randn(1000, 64), torch.randn(512, 64), seed=0)
     """
     check_pair(x, codebook, metric)
     seed = draw_seed() if seed is None else check_seed(seed)
-    if x.shape[0] == 0:
+    if x.shape[-2] == 0:
         raise ValueError("x must hold at least one row to sample from; got N = 0")
     b = _backend(backend, x.device, (codebook, "codebook"), (x, "x"))
     return b.op("sample_code")(x, codebook, metric, seed_to_schema(seed))

@@ -35,6 +35,18 @@ from .numerics import paired_distances as exact_distance  # noqa: F401
 
 __all__ = ["search", "quantize", "code_stats", "sample"]
 
+# The batched form of every op (a leading group axis G, group g against its own codebook; README "Method" §1.6) is
+# a loop over groups here: the reference is the definition, not a fast path.
+
+
+def _per_group(fn, *args):
+    """Stack ``fn`` over the leading group axis of the tensor arguments (the others are passed as they are)."""
+    g = next(a for a in args if isinstance(a, Tensor)).shape[0]
+    outs = [fn(*(a[i] if isinstance(a, Tensor) else a for a in args)) for i in range(g)]
+    if isinstance(outs[0], Tensor):
+        return torch.stack(outs)
+    return tuple(torch.stack(parts) for parts in zip(*outs))
+
 
 def search(x: Tensor, codebook: Tensor, metric: str = "l2", exact: bool = False) -> tuple[Tensor, Tensor]:
     """Nearest code of every row. ``x [N, D]``, ``codebook [K, D]`` -> ``(codes int64 [N], dist [N])``.
@@ -45,6 +57,11 @@ def search(x: Tensor, codebook: Tensor, metric: str = "l2", exact: bool = False)
     """
     check_finite(codebook, "codebook")
     check_finite(x, "x")
+    if x.dim() == 3:
+        if x.shape[0] == 0:
+            acc = acc_dtype(x.dtype)
+            return x.new_empty(0, x.shape[1], dtype=torch.int64), x.new_empty(0, x.shape[1], dtype=acc)
+        return _per_group(search, x, codebook, metric, exact)
     n, d = x.shape
     k = codebook.shape[0]
     acc = acc_dtype(x.dtype)
@@ -102,6 +119,12 @@ def quantize(
 
     Returns ``(codes, z_q, dist, counts)``.
     """
+    if x.dim() == 3:
+        if x.shape[0] == 0:
+            codes, dist = search(x, codebook, metric, exact)
+            k, d = codebook.shape[1:]
+            return codes, codebook.new_empty(0, x.shape[1], d), dist, codes.new_zeros(0, k)
+        return _per_group(quantize, x, codebook, metric, exact)
     codes, dist = search(x, codebook, metric, exact)
     z_q = codebook.index_select(0, codes)
     counts = torch.bincount(codes, minlength=codebook.shape[0])
@@ -109,7 +132,13 @@ def quantize(
 
 
 def code_stats(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
-    """Per-code sum of assigned rows (``[K, D]``, fp32; fp64 for fp64 x) and counts (int64 ``[K]``)."""
+    """Per-code sum of assigned rows (``[K, D]``, fp32; fp64 for fp64 x) and counts (int64 ``[K]``); batched
+    ``x [G, N, D]``, ``codes [G, N]`` -> ``[G, K, D]``, ``[G, K]``."""
+    if x.dim() == 3:
+        if x.shape[0] == 0:
+            acc = acc_dtype(x.dtype)
+            return x.new_zeros(0, num_codes, x.shape[2], dtype=acc), codes.new_zeros(0, num_codes)
+        return _per_group(code_stats, x, codes, num_codes)
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
         bad = codes[(codes < 0) | (codes >= num_codes)][0].item()
         raise ValueError(f"codes must lie in [0, num_codes = {num_codes}); found {bad}")
@@ -120,7 +149,7 @@ def code_stats(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Tensor
     return sums, counts
 
 
-def sample(x: Tensor, codebook: Tensor, metric: str, seed: int) -> Tensor:
+def sample(x: Tensor, codebook: Tensor, metric: str, seed: int, code_offset: int = 0) -> Tensor:
     """Per code k a row ``argmin_i (d(x_i, c_k) - g(seed, k, i))``: a draw of ``P(i) ~ exp(-d(x_i, c_k))``
     (Gumbel-max; ``g`` the counter-based noise of :func:`vqkernels.numerics.gumbel_noise`). ``x [N >= 1, D]``,
     ``codebook [K, D]``, ``seed`` the signed int64 of :func:`vqkernels.numerics.seed_to_schema` -> int64 ``[K]``.
@@ -128,10 +157,17 @@ def sample(x: Tensor, codebook: Tensor, metric: str, seed: int) -> Tensor:
     The keys are those of the fused kernels with the roles of rows and codes swapped, plus the per-code part of the
     distance: l2 ``max(|x|^2 - 2 x.c + |c|^2, 0)``, cosine ``-x.c / (max(|x|, eps) max(|c|, eps))`` (the distance
     less its constant 1), dot ``-x.c``. Walked in ``codes x rows`` blocks of at most ``CHUNK_ELEMS`` elements; ties
-    go to the lowest row.
+    go to the lowest row. ``code_offset``: the codes are keyed as codes ``code_offset .. code_offset + K - 1``.
+
+    Batched (``x [G, N, D]``, ``codebook [G, K, D]`` -> ``[G, K]``): group g keys its codes as ``g * K + k``.
     """
     check_finite(codebook, "codebook")
     check_finite(x, "x")
+    if x.dim() == 3:
+        kk = codebook.shape[1]
+        if x.shape[0] == 0:
+            return codebook.new_empty(0, kk, dtype=torch.int64)
+        return torch.stack([sample(x[g], codebook[g], metric, seed, g * kk) for g in range(x.shape[0])])
     n, k = x.shape[0], codebook.shape[0]
     if n == 0:
         raise ValueError("x must hold at least one row to sample from; got N = 0")
@@ -147,7 +183,7 @@ def sample(x: Tensor, codebook: Tensor, metric: str, seed: int) -> Tensor:
     rt = oc if metric == "l2" else zeros
     xa, ca = x.to(acc), codebook.to(acc)
     row_keys = index_keys(torch.arange(n, device=dev), s_row)
-    code_keys = index_keys(torch.arange(k, device=dev), s_code)
+    code_keys = index_keys(torch.arange(code_offset, code_offset + k, device=dev), s_code)
     out = torch.empty(k, dtype=torch.int64, device=dev)
     kb = min(k, max(1, CHUNK_ELEMS // n))
     rb = min(n, max(1, CHUNK_ELEMS // kb))

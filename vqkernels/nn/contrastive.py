@@ -93,7 +93,7 @@ def contrastive_loss(
         tau: temperature (> 0).
         chunk_elems: similarities per block.
     """
-    check_pair(x, codebook, metric, same_dtype=False)
+    check_pair(x, codebook, metric, same_dtype=False, batched=False)
     if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, int) or chunk_elems < 1:
         raise ValueError(f"chunk_elems must be a positive int; got {chunk_elems!r}")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not float(tau) > 0.0:

@@ -60,7 +60,7 @@ def _check_vector(t: object, name: str, length: int | None = None) -> None:
 def _check_pair(x: object, codebook: object, metric: str) -> None:
     """x ``[N, D]`` and codebook ``[K >= 1, D]`` (dtypes may differ): floating, same D and device; a known
     metric."""
-    ops.check_pair(x, codebook, metric, same_dtype=False)
+    ops.check_pair(x, codebook, metric, same_dtype=False, batched=False)
 
 
 def _check_generator(generator: object) -> None:
