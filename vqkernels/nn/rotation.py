@@ -1,0 +1,63 @@
+"""The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation Trick", §4.2): a
+gradient estimator through the quantiser that carries the angle and the norm ratio between the input and its code.
+
+Forward, the output is the code ``q`` itself. Backward, the code is seen as ``q = s R e`` with ``e`` the input,
+``s = |q| / |e|`` and ``R`` the rotation taking ``e/|e|`` to ``q/|q|`` (both treated as constants), so the input
+receives ``s R^T g`` instead of the straight-through ``g``. With ``u = e/|e|``, ``q^ = q/|q|`` and
+``w = (u + q^)/|u + q^|`` the rotation is the Householder form ``R = I - 2 w w^T + 2 q^ u^T`` (§4.2), applied in
+O(D) per row: ``R^T g = g - 2 w (w.g) + 2 u (q^.g)``. Nothing N x D is built beyond the two inputs the backward
+needs (``e`` and ``q``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# floor of the norms (as vector-quantize-pytorch's safe division): a zero input or code gives a zero gradient
+# instead of a NaN
+NORM_EPS = 1e-6
+
+
+class _RotationTrick(torch.autograd.Function):
+    """Forward: ``z_q`` (exactly, as a new tensor); backward: ``s R^T g`` to ``x`` and ``nu * g`` to ``z_q``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, z_q: Tensor, nu: float) -> Tensor:
+        ctx.nu, ctx.x_dtype, ctx.q_dtype = nu, x.dtype, z_q.dtype
+        ctx.save_for_backward(x, z_q)
+        return z_q.to(torch.promote_types(x.dtype, z_q.dtype), copy=True)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, z_q = ctx.saved_tensors
+        gx = gq = None
+        if ctx.needs_input_grad[0]:
+            gx = rotate_gradient(x, z_q, g).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1] and ctx.nu != 0.0:
+            gq = (ctx.nu * g).to(ctx.q_dtype)
+        return gx, gq, None
+
+
+def rotate_gradient(x: Tensor, z_q: Tensor, g: Tensor) -> Tensor:
+    """``s R^T g`` row by row (module docstring): ``x``, ``z_q``, ``g`` ``[..., D]`` -> ``[..., D]`` in fp32 (fp64
+    for fp64 inputs)."""
+    acc = torch.promote_types(torch.promote_types(x.dtype, z_q.dtype), torch.float32)
+    e, q, ga = x.to(acc), z_q.to(acc), g.to(acc)
+    en = e.norm(dim=-1, keepdim=True)
+    qn = q.norm(dim=-1, keepdim=True)
+    u = e / en.clamp_min(NORM_EPS)
+    qh = q / qn.clamp_min(NORM_EPS)
+    w = u + qh
+    w = w / w.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    s = qn / en.clamp_min(NORM_EPS)
+    wg = (w * ga).sum(-1, keepdim=True)
+    qg = (qh * ga).sum(-1, keepdim=True)
+    return s * (ga - 2.0 * wg * w + 2.0 * qg * u)
+
+
+def rotation_trick(x: Tensor, z_q: Tensor, nu: float = 0.0) -> Tensor:
+    """The rotation-trick estimator: value ``z_q``, gradient ``s R^T g`` to ``x`` (module docstring) and, for the
+    synchronised update (Huh et al. 2023, §4.2), ``nu * g`` to ``z_q``. ``x``, ``z_q``: ``[..., D]``; one autograd
+    node."""
+    return _RotationTrick.apply(x, z_q, float(nu))
