@@ -1,7 +1,7 @@
 """The C++ CPU op's kernel choice (csrc/cpu/cpu_features.h): every tile kernel and epilogue this CPU can run,
-forced one by one through VQK_CPU_TILE / VQK_CPU_EPILOGUE, against the fp64 oracle; the automatic choice for CPUs
-this one is not (AMX, AVX2-only, aarch64, none of them); few rows against many codes (the code splits and their
-merge); and bad overrides."""
+forced one by one through VQK_CPU_TILE / VQK_CPU_EPILOGUE, against the fp64 oracle, in the 2-D and the batched form;
+the automatic choice for CPUs this one is not (AMX, AVX2-only, aarch64, none of them); few rows against many codes
+(the code splits and their merge); and bad overrides."""
 
 import os
 
@@ -70,6 +70,53 @@ def test_every_variant_sends_ties_to_the_lowest_index(dt, shape, variant, forced
             codes, _ = vq.nearest_code(x.to(DTYPES[dt]), cb.to(DTYPES[dt]), metric=metric, exact=exact, backend="cpu")
             d64 = brute_distances(x, cb, metric, direct=True)
             assert torch.equal(codes, d64.argmin(1)), (metric, exact)
+
+
+def _head_split_groups(n: int, k: int, d: int, dtype: torch.dtype, groups: int = 3):
+    """Batched inputs as the layers make them (README "Method" §1.6): ``x [G, N, D]`` the head split
+    ``view(N, G, D).transpose(0, 1)`` of one tensor, ``codebook [G, K, D]`` a different codebook per group."""
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(n, groups * d, generator=g, dtype=torch.float64).to(dtype).view(n, groups, d).transpose(0, 1)
+    cb = torch.randn(groups, k, d, generator=g, dtype=torch.float64).to(dtype)
+    return x, cb
+
+
+@pytest.mark.parametrize("dt, shape, variant", _variants())
+def test_every_variant_runs_the_batched_form_per_group(dt, shape, variant, forced):
+    """The batched form runs the same tile kernel and epilogue as a 2-D call on one group (the choice follows a
+    group's rows): under every variant, one call on 3 groups passes the oracle (one group per metric and mode, in
+    turn), gathers and counts per group, and equals the 2-D calls on
+    each group: bitwise in exact mode (fp64 re-scores), and in the fast path wherever the tile kernel sums a dot
+    product in one order whatever the block's shape (a batched block may hold more rows than a 2-D call's). Not so:
+    at::mm for fp64 and ATen's bf16 brgemm without AMX, whose last bit follows the block's shape."""
+    forced(variant)
+    x, cb = _head_split_groups(*shape, DTYPES[dt])
+    fixed_order = dt != "fp64" and not (dt == "bf16" and variant["tile"] == "brgemm")
+    for m, metric in enumerate(METRICS):
+        for exact in (False, True):
+            q = vq.quantize(x, cb, metric=metric, exact=exact, backend="cpu")
+            judged = (m + exact) % x.shape[0]  # the oracle on one group per call (the groups take turns)
+            check_search(x[judged], cb[judged], metric, q.codes[judged], q.dist[judged], exact)
+            for g in range(x.shape[0]):
+                assert torch.equal(q.z_q[g], cb[g][q.codes[g]])
+                assert torch.equal(q.counts[g], torch.bincount(q.codes[g], minlength=cb.shape[1]))
+                if exact or fixed_order:
+                    one = vq.quantize(x[g], cb[g], metric=metric, exact=exact, backend="cpu")
+                    assert all(torch.equal(a[g], b) for a, b in zip(q, one)), (metric, exact, g)
+
+
+@pytest.mark.parametrize("dt, shape, variant", _variants())
+def test_every_variant_sends_batched_ties_to_the_lowest_index(dt, shape, variant, forced):
+    forced(variant)
+    groups = [_integer_ties(shape[0], 4 * 1024) for _ in range(2)]
+    groups[1] = (groups[1][0], -groups[1][1])  # another codebook for group 1 (ties all the same)
+    x = torch.stack([g[0] for g in groups]).to(DTYPES[dt])
+    cb = torch.stack([g[1] for g in groups]).to(DTYPES[dt])
+    for metric in ("l2", "dot"):
+        for exact in (False, True):
+            codes, _ = vq.nearest_code(x, cb, metric=metric, exact=exact, backend="cpu")
+            for g, (xg, cg) in enumerate(groups):
+                assert torch.equal(codes[g], brute_distances(xg, cg, metric, direct=True).argmin(1)), (metric, exact, g)
 
 
 @pytest.mark.parametrize("n", [1, 2, 17])

@@ -156,11 +156,11 @@ EpilogueKind choose_epilogue(const std::string& dtype, const CpuFeatures& f, con
   throw std::invalid_argument("VQK_CPU_EPILOGUE must be auto, avx512, avx2, neon or scalar; got '" + e + "'");
 }
 
-int64_t block_rows(int64_t N) {
+int64_t block_rows(int64_t N, int64_t G) {
   const int64_t nthreads = at::get_num_threads();
   const char* v = std::getenv("VQK_CPU_BM");
   const int64_t bm = (v == nullptr || *v == '\0') ? 256 : std::max<int64_t>(1, std::atoll(v));
-  return std::max<int64_t>(1, std::min<int64_t>(bm, (N + nthreads - 1) / nthreads));
+  return std::max<int64_t>(1, std::min<int64_t>({bm, N, (G * N + nthreads - 1) / nthreads}));
 }
 
 TileKind tile_kind(const std::string& dtype, int64_t rows) {

@@ -63,9 +63,9 @@ EpilogueKind choose_epilogue(const std::string& dtype, const CpuFeatures& featur
 TileKind tile_kind(const std::string& dtype, int64_t rows);
 EpilogueKind epilogue_kind(const std::string& dtype);
 
-// Input rows per task block of a search of N rows: VQK_CPU_BM (default 256), fewer when N is small so that every
-// thread gets rows.
-int64_t block_rows(int64_t N);
+// Input rows per task block of a search of G groups of N rows each (a block holds rows of one group only):
+// VQK_CPU_BM (default 256), fewer when the G * N rows are few so that every thread gets rows, and at most N.
+int64_t block_rows(int64_t N, int64_t G = 1);
 
 // Features from a comma list of names() (to test the choice for CPUs this one is not).
 CpuFeatures features_from_names(const std::string& names);

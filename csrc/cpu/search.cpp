@@ -1,13 +1,19 @@
 // Fused nearest-code search on the CPU: tiled GEMM + argmin (or top-4) epilogue + gather + usage histogram
 // (README "Method" §1, "Backends").
 //
-// Work is a grid of tasks: blocks of BM input rows (default 256, env VQK_CPU_BM; fewer when N is small, so every
-// thread gets rows) times splits of the codebook. With enough row blocks for the threads the codebook is one split
-// and a task owns its rows outright; with few rows (retrieval, N = 1 against a million codes) the codes are split
-// between threads and the per-row results merged in split order with a strict <, which keeps ties on the lowest
-// index. A task packs its block of rows once (tile_gemm.h) and streams its codes through in tiles of BN codes, read
-// where they lie: the tile of dot products, codes major, stays in L2 while the epilogue folds it into per-row state
-// (epilogues.h). Nothing of size N x K is allocated, and the codebook is never copied.
+// Work is a grid of tasks: (group, block of BM input rows, split of the codebook). BM defaults to 256 (env
+// VQK_CPU_BM), fewer when the rows of all groups together are few, so every thread gets rows. With enough row
+// blocks for the threads the codebook is one split and a task owns its rows outright; with few rows (retrieval,
+// N = 1 against a million codes) the codes are split between threads and the per-row results merged in split order
+// with a strict <, which keeps ties on the lowest index. A task packs its block of rows once (tile_gemm.h) and
+// streams its group's codes through in tiles of BN codes, read where they lie: the tile of dot products, codes
+// major, stays in L2 while the epilogue folds it into per-row state (epilogues.h). Nothing of size N x K is
+// allocated, and the codebook is never copied.
+//
+// The batched form (x [G, N, D], codebook [G, K, D], README "Method" §1.6) is one grid over every group's blocks:
+// it balances like one search of G * N rows, and a group's tasks are adjacent, so a thread works through one
+// codebook at a time. A 2-D call is the grid of one group. Rows and codes are read through their strides (unit
+// stride along D is all the kernels need), so the head split x.view(N, G, D).transpose(0, 1) is not copied.
 //
 // Argmin key per code k: key = w_k (x . c_k) + o_k
 //   l2:     w = -2,                 o = |c_k|^2 (|x|^2 is constant per row and added back for the distance)
@@ -37,43 +43,43 @@ namespace vqkernels::cpu {
 namespace {
 
 struct Outputs {
-  int64_t* codes;
-  void* dist;       // acc_t [N]
-  void* zq;         // scalar_t [N, D] (contiguous) or nullptr
-  int64_t* counts;  // [K] or nullptr
+  int64_t* codes;   // [G * N]
+  void* dist;       // acc_t [G * N]
+  void* zq;         // scalar_t [G * N, D] (contiguous) or nullptr
+  int64_t* counts;  // [G * K] or nullptr
 };
 
 int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
-// Per-code key terms (README "Method" §1.1) and fp64 norms, from the codes as stored. Computed up front for all K
-// codes when several row blocks read them, else by each task for its tile only, into the task's buffers (a huge
-// codebook then costs no K-sized arrays). The norms (a square root per code, K of them) only where something reads
-// them: the cosine keys and exact mode.
+// Per-code key terms (README "Method" §1.1) and fp64 norms, from the codes as stored, for the G * K codes of every
+// group (code k of group g at index g * K + k). Computed up front for all codes when several row blocks read them,
+// else by each task for its tile only, into the task's buffers (a huge codebook then costs no K-sized arrays). The
+// norms (a square root per code) only where something reads them: the cosine keys and exact mode.
 template <typename scalar_t>
 struct CodeTerms {
   using acc_t = typename AccOf<scalar_t>::type;
   Metric metric;
   bool want_norms;
-  std::vector<acc_t> w, o;     // [K] when computed up front
-  std::vector<double> cnorm;   // [K] when wanted
+  std::vector<acc_t> w, o;     // [G * K] when computed up front
+  std::vector<double> cnorm;   // [G * K] when wanted
 
-  CodeTerms(int64_t K, Metric metric_, bool exact, bool up_front)
+  CodeTerms(int64_t codes, Metric metric_, bool exact, bool up_front)
       : metric(metric_),
         want_norms(exact || metric_ == Metric::Cosine),
-        w(up_front ? K : 0),
-        o(up_front ? K : 0),
-        cnorm(want_norms ? K : 0) {}
+        w(up_front ? codes : 0),
+        o(up_front ? codes : 0),
+        cnorm(want_norms ? codes : 0) {}
 
-  // codes k0 .. k0 + n - 1 from their sums of squares sq[0 .. n) into w_out / o_out [0 .. n); false when one is
-  // not finite, i.e. the code holds a NaN or an Inf (no finite fp32 / bf16 / fp16 square overflows fp64; fp64
-  // codes are checked element by element instead, by sum_squares_rows)
-  bool finish(const double* sq, int64_t k0, int64_t n, acc_t* w_out, acc_t* o_out) {
+  // codes at indices idx0 .. idx0 + n - 1 from their sums of squares sq[0 .. n) into w_out / o_out [0 .. n); false
+  // when one is not finite, i.e. the code holds a NaN or an Inf (no finite fp32 / bf16 / fp16 square overflows
+  // fp64; fp64 codes are checked element by element instead, by sum_squares_rows)
+  bool finish(const double* sq, int64_t idx0, int64_t n, acc_t* w_out, acc_t* o_out) {
     bool ok = true;
     for (int64_t j = 0; j < n; ++j) {
       const double s = sq[j];
       if constexpr (!std::is_same_v<scalar_t, double>) ok &= std::isfinite(s);
       const double norm = want_norms ? std::sqrt(s) : 0.0;
-      if (want_norms) cnorm[k0 + j] = norm;
+      if (want_norms) cnorm[idx0 + j] = norm;
       switch (metric) {
         case Metric::L2: w_out[j] = acc_t(-2); o_out[j] = static_cast<acc_t>(s); break;
         case Metric::Cosine: w_out[j] = static_cast<acc_t>(-1.0 / std::max(norm, num::kCosEps)); o_out[j] = acc_t(0); break;
@@ -83,13 +89,22 @@ struct CodeTerms {
     return ok;
   }
 
-  // codes k0 .. k0 + n - 1 from the codebook (sq: n doubles of scratch); false when one holds a NaN or Inf
-  bool compute(const RowMatrix<scalar_t>& cb, int64_t k0, int64_t n, double* sq, acc_t* w_out, acc_t* o_out) {
+  // codes k0 .. k0 + n - 1 of one group's codebook cb, stored at indices idx0 .. (sq: n doubles of scratch); false
+  // when one holds a NaN or Inf
+  bool compute(const RowMatrix<scalar_t>& cb, int64_t k0, int64_t n, int64_t idx0, double* sq, acc_t* w_out,
+               acc_t* o_out) {
     const bool ok = sum_squares_rows(cb, k0, k0 + n, sq);
-    return finish(sq, k0, n, w_out, o_out) && ok;
+    return finish(sq, idx0, n, w_out, o_out) && ok;
   }
 
-  double cmax() const { return cnorm.empty() ? 0.0 : *std::max_element(cnorm.begin(), cnorm.end()); }
+  // the largest norm of each group's K codes (exact mode's bound is per codebook)
+  std::vector<double> cmax(int64_t G, int64_t K) const {
+    std::vector<double> out(G, 0.0);
+    if (cnorm.empty()) return out;
+    for (int64_t g = 0; g < G; ++g)
+      out[g] = *std::max_element(cnorm.begin() + g * K, cnorm.begin() + (g + 1) * K);
+    return out;
+  }
 };
 
 // Whether a tile kernel computes the codes' sums of squares in its own pass (GemvTile::tile_norms).
@@ -98,21 +113,29 @@ struct FusesNorms : std::false_type {};
 template <typename Gemm>
 struct FusesNorms<Gemm, std::void_t<decltype(Gemm::kFusesNorms)>> : std::bool_constant<Gemm::kFusesNorms> {};
 
-// The search over a grid of (row block, code split) tasks, with one tile kernel.
-template <typename scalar_t, typename Gemm>
-void search_grid(const Gemm& gemm, const RowMatrix<scalar_t>& x, const RowMatrix<scalar_t>& cb, Metric metric,
-                 bool exact, EpilogueKind epi, const Outputs& out) {
+// The search over a grid of (group, row block, code split) tasks, with one tile kernel: make_gemm(codes, rows)
+// builds it for one group's codebook and rows. Rows of all groups are numbered together, row i of group g being
+// row g * N + i of the outputs (codes, dist, zq) and of the per-row buffers.
+template <typename scalar_t, typename MakeGemm>
+void search_grid(MakeGemm&& make_gemm, const GroupedRows<scalar_t>& x, const GroupedRows<scalar_t>& cb,
+                 Metric metric, bool exact, EpilogueKind epi, const Outputs& out) {
+  using Gemm = decltype(make_gemm(cb.group(0), x.group(0)));
   using acc_t = typename AccOf<scalar_t>::type;
   static_assert(std::is_same_v<acc_t, typename Gemm::acc_t>);
-  const int64_t N = x.rows, D = x.D, K = cb.rows;
+  const int64_t G = x.G, N = x.rows, D = x.D, K = cb.rows;
+  const int64_t NT = G * N;  // rows of all groups
   acc_t* dist = static_cast<acc_t*>(out.dist);
   scalar_t* zq = static_cast<scalar_t*>(out.zq);
   const int nthreads = at::get_num_threads();
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  std::vector<Gemm> gemms;
+  gemms.reserve(G);
+  for (int64_t g = 0; g < G; ++g) gemms.push_back(make_gemm(cb.group(g), x.group(g)));
 
   // ---- the grid ------------------------------------------------------------------------------------------------
-  const int64_t BM = block_rows(N);
-  const int64_t nblk = (N + BM - 1) / BM;
+  const int64_t BM = block_rows(N, G);
+  const int64_t nblk = (N + BM - 1) / BM;  // row blocks per group
+  const int64_t blocks = G * nblk;
   // the tile's row stride: a padded block of rows; for blocks of one row, 1 (the row is then contiguous and the
   // epilogue folds codes, not rows, into its lanes)
   const int64_t ldt = BM == 1 && Gemm::kColAlign == 1
@@ -126,94 +149,104 @@ void search_grid(const Gemm& gemm, const RowMatrix<scalar_t>& x, const RowMatrix
   if (fused_terms) bn_auto = std::clamp<int64_t>((int64_t(256) << 10) / (D * int64_t(sizeof(scalar_t))), 64, bn_auto);
   const int64_t BN = round_up(std::min(env_int("VQK_CPU_BN", bn_auto), K), Gemm::kRowAlign);
   // splits of the codebook when the row blocks cannot keep every thread busy: about 4 tasks a thread, each at least
-  // 4 tiles of codes
+  // 4 tiles of codes. Several groups of a few blocks each may leave the threads unevenly loaded (3 blocks on 2
+  // threads take 2 blocks' time): they split too, unless the blocks are many or fall evenly on the threads.
+  const bool busy = blocks >= nthreads && (G == 1 || blocks % nthreads == 0 || blocks >= 4 * nthreads);
   int64_t S = 1;
-  if (nblk < nthreads) S = std::max<int64_t>(1, std::min((4 * nthreads + nblk - 1) / nblk, K / (4 * BN)));
+  if (!busy) S = std::max<int64_t>(1, std::min((4 * nthreads + blocks - 1) / blocks, K / (4 * BN)));
   const int64_t per_split = round_up((K + S - 1) / S, BN);
   S = (K + per_split - 1) / per_split;
   // results are finished inside the task when it saw every code and the key terms were ready before it started
   const bool finish_in_task = S == 1 && !fused_terms;
 
   // ---- per-row terms of the distance (and the non-finite check of x) -------------------------------------------
-  std::vector<double> xsq(N), xnorm(N);
+  std::vector<double> xsq(NT), xnorm(NT);
   std::atomic<bool> x_finite{true};
-  at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
-    if (!sum_squares_rows(x, i0, i1, xsq.data() + i0)) x_finite = false;  // l2's row term: a sum of squares, as o
-    for (int64_t i = i0; i < i1; ++i) xnorm[i] = std::sqrt(xsq[i]);
+  at::parallel_for(0, NT, 256, [&](int64_t r0, int64_t r1) {
+    for_group_ranges(r0, r1, N, [&](int64_t g, int64_t i0, int64_t i1) {
+      // l2's row term: a sum of squares, as o
+      if (!sum_squares_rows(x.group(g), i0, i1, xsq.data() + g * N + i0)) x_finite = false;
+    });
+    for (int64_t r = r0; r < r1; ++r) xnorm[r] = std::sqrt(xsq[r]);
   });
 
-  CodeTerms<scalar_t> terms(K, metric, exact, /*up_front=*/!fused_terms);
+  CodeTerms<scalar_t> terms(G * K, metric, exact, /*up_front=*/!fused_terms);
   std::atomic<bool> cb_finite{true};
   if (!fused_terms) {
-    at::parallel_for(0, K, 1024, [&](int64_t k0, int64_t k1) {
-      std::vector<double> sq(k1 - k0);
-      if (!terms.compute(cb, k0, k1 - k0, sq.data(), terms.w.data() + k0, terms.o.data() + k0)) cb_finite = false;
+    at::parallel_for(0, G * K, 1024, [&](int64_t c0, int64_t c1) {
+      std::vector<double> sq(c1 - c0);
+      for_group_ranges(c0, c1, K, [&](int64_t g, int64_t k0, int64_t k1) {
+        const int64_t idx = g * K + k0;
+        if (!terms.compute(cb.group(g), k0, k1 - k0, idx, sq.data(), terms.w.data() + idx, terms.o.data() + idx))
+          cb_finite = false;
+      });
     });
     TORCH_CHECK_VALUE(cb_finite.load(), "codebook contains non-finite values (NaN or Inf)");
   }
   TORCH_CHECK_VALUE(x_finite.load(), "x contains non-finite values (NaN or Inf)");
   const double gamma = num::exact_gamma(D, std::is_same_v<acc_t, double>);
-  double cmax = fused_terms ? 0.0 : terms.cmax();
+  std::vector<double> cmax = exact && !fused_terms ? terms.cmax(G, K) : std::vector<double>();
 
   // ---- what a row ends with -----------------------------------------------------------------------------------
   // Per-thread usage histograms merged after the loop (no atomics) when rows are many; with fewer rows than codes
   // the histogram is counted afterwards (zeroing per-thread histograms of a huge codebook would cost more).
   const bool want_hist = out.counts != nullptr;
-  const bool private_hist = want_hist && N >= K && int64_t(nthreads) * K * 8 <= (int64_t(64) << 20);
-  std::vector<int64_t> hist(private_hist ? size_t(nthreads) * K : 0, 0);
+  const bool private_hist = want_hist && N >= K && int64_t(nthreads) * G * K * 8 <= (int64_t(64) << 20);
+  std::vector<int64_t> hist(private_hist ? size_t(nthreads) * G * K : 0, 0);
 
-  // row i's outputs from its code and distance
-  auto emit = [&](int64_t i, int64_t code, acc_t d, int64_t* my_hist) {
-    out.codes[i] = code;
-    dist[i] = d;
-    if (zq != nullptr) std::memcpy(zq + i * D, cb.row(code), sizeof(scalar_t) * D);
-    if (my_hist != nullptr) ++my_hist[code];
+  // row i of group g (r = g * N + i): its outputs from its code and distance
+  auto emit = [&](int64_t g, int64_t r, int64_t code, acc_t d, int64_t* my_hist) {
+    out.codes[r] = code;
+    dist[r] = d;
+    if (zq != nullptr) std::memcpy(zq + r * D, cb.row(g, code), sizeof(scalar_t) * D);
+    if (my_hist != nullptr) ++my_hist[g * K + code];
   };
-  // fast path: row i from its best key
-  auto finish_fast = [&](int64_t i, acc_t key, int64_t code, int64_t* my_hist) {
+  // fast path: the row from its best key
+  auto finish_fast = [&](int64_t g, int64_t r, acc_t key, int64_t code, int64_t* my_hist) {
     acc_t d;
     switch (metric) {
-      case Metric::L2: d = std::max(static_cast<acc_t>(xsq[i]) + key, acc_t(0)); break;
-      case Metric::Cosine: d = acc_t(1) + key / static_cast<acc_t>(std::max(xnorm[i], num::kCosEps)); break;
+      case Metric::L2: d = std::max(static_cast<acc_t>(xsq[r]) + key, acc_t(0)); break;
+      case Metric::Cosine: d = acc_t(1) + key / static_cast<acc_t>(std::max(xnorm[r], num::kCosEps)); break;
       default: d = key; break;
     }
-    emit(i, code, d, my_hist);
+    emit(g, r, code, d, my_hist);
   };
-  // exact mode: row i from its kTopT candidates tv / ti (stride ts; key +inf and code -1 are empty slots). Every
+  // exact mode: the row from its kTopT candidates tv / ti (stride ts; key +inf and code -1 are empty slots). Every
   // code whose fast key may round below the true minimum lies within 2E of the fast minimum; when the last kept
   // candidate is inside too, more may hide behind it: re-scan the row.
-  auto finish_exact = [&](int64_t i, const acc_t* tv, const int32_t* ti, int64_t ts, int64_t* my_hist) {
-    const scalar_t* xr = x.row(i);
-    const double xn = xnorm[i];
-    const double thresh = num::exact_threshold(static_cast<int>(metric), xn, cmax, double(tv[0]), gamma);
+  auto finish_exact = [&](int64_t g, int64_t r, const acc_t* tv, const int32_t* ti, int64_t ts, int64_t* my_hist) {
+    const scalar_t* xr = x.row(g, r - g * N);
+    const double* cn = terms.cnorm.data() + g * K;
+    const double xn = xnorm[r];
+    const double thresh = num::exact_threshold(static_cast<int>(metric), xn, cmax[g], double(tv[0]), gamma);
     const bool overflow = ti[(kTopT - 1) * ts] >= 0 && double(tv[(kTopT - 1) * ts]) <= thresh;
     double bd = std::numeric_limits<double>::infinity();
     int64_t bc = -1;
     if (overflow) {
       for (int64_t k = 0; k < K; ++k) {
-        const double dk = rescore(xr, cb.row(k), D, metric, xn, terms.cnorm[k]);
+        const double dk = rescore(xr, cb.row(g, k), D, metric, xn, cn[k]);
         if (dk < bd || bc < 0) { bd = dk; bc = k; }
       }
     } else {
       for (int p = 0; p < kTopT; ++p) {
         const int64_t c = ti[p * ts];
         if (c < 0 || double(tv[p * ts]) > thresh) break;
-        const double dk = rescore(xr, cb.row(c), D, metric, xn, terms.cnorm[c]);
+        const double dk = rescore(xr, cb.row(g, c), D, metric, xn, cn[c]);
         if (bc < 0 || dk < bd || (dk == bd && c < bc)) { bd = dk; bc = c; }
       }
     }
-    emit(i, bc, static_cast<acc_t>(bd), my_hist);
+    emit(g, r, bc, static_cast<acc_t>(bd), my_hist);
   };
 
   // ---- the tasks ----------------------------------------------------------------------------------------------
   // partial results of the splits (S > 1 or fused terms): per split, per row, the best key / code or top lists
   const bool partials = !finish_in_task;
   const int64_t T = exact ? kTopT : 1;
-  std::vector<acc_t> part_v(partials ? size_t(S) * T * N : 0);
-  std::vector<int32_t> part_i(partials ? size_t(S) * T * N : 0);
+  std::vector<acc_t> part_v(partials ? size_t(S) * T * NT : 0);
+  std::vector<int32_t> part_i(partials ? size_t(S) * T * NT : 0);
   const int64_t mp = round_up(BM, kRowLanes);
 
-  at::parallel_for(0, nblk * S, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, blocks * S, 1, [&](int64_t t0, int64_t t1) {
     // (+ kRowLanes: an epilogue may read a vector's lanes past the last row of a tile)
     std::vector<acc_t> tile(size_t(BN + Gemm::kRowPad) * ldt + kRowLanes, acc_t(0));
     typename Gemm::Scratch scratch;
@@ -223,29 +256,31 @@ void search_grid(const Gemm& gemm, const RowMatrix<scalar_t>& x, const RowMatrix
     std::vector<double> tsq(fused_terms ? BN : 0);
     std::vector<acc_t> tw(fused_terms ? BN : 0), to(fused_terms ? BN : 0);
     bool terms_ok = true;
-    int64_t* my_hist = private_hist ? hist.data() + size_t(at::get_thread_num()) * K : nullptr;
+    int64_t* my_hist = private_hist ? hist.data() + size_t(at::get_thread_num()) * G * K : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / S, s = t % S;
-      const int64_t r0 = b * BM, m = std::min(BM, N - r0);
+      const int64_t g = t / (nblk * S), b = (t / S) % nblk, s = t % S;
+      const Gemm& gemm = gemms[g];
+      const int64_t i0 = b * BM, m = std::min(BM, N - i0);
+      const int64_t r0 = g * N + i0;  // the block's first row among all groups'
       const int64_t k_lo = s * per_split, k_hi = std::min(K, k_lo + per_split);
       std::fill(sv.begin(), sv.end(), kInf);
       std::fill(si.begin(), si.end(), exact ? int32_t(-1) : static_cast<int32_t>(k_lo));
-      gemm.load_cols(scratch, r0, m);
+      gemm.load_cols(scratch, i0, m);
       for (int64_t kb = k_lo; kb < k_hi; kb += BN) {
         const int64_t nb = std::min(BN, k_hi - kb);
         if constexpr (FusesNorms<Gemm>::value) {
           if (fused_terms) {  // the squares in the GEMV's own pass over the codes, then the terms from them
             gemm.tile_norms(scratch, kb, nb, m, tile.data(), ldt, tsq.data());
-            terms_ok &= terms.finish(tsq.data(), kb, nb, tw.data(), to.data());
+            terms_ok &= terms.finish(tsq.data(), g * K + kb, nb, tw.data(), to.data());
           } else {
             gemm.tile(scratch, kb, nb, m, tile.data(), ldt);
           }
         } else {
-          if (fused_terms) terms_ok &= terms.compute(cb, kb, nb, tsq.data(), tw.data(), to.data());
+          if (fused_terms) terms_ok &= terms.compute(cb.group(g), kb, nb, g * K + kb, tsq.data(), tw.data(), to.data());
           gemm.tile(scratch, kb, nb, m, tile.data(), ldt);
         }
-        const acc_t* w = fused_terms ? tw.data() : terms.w.data() + kb;
-        const acc_t* o = fused_terms ? to.data() : terms.o.data() + kb;
+        const acc_t* w = fused_terms ? tw.data() : terms.w.data() + g * K + kb;
+        const acc_t* o = fused_terms ? to.data() : terms.o.data() + g * K + kb;
         if (exact) {
           top4_codes(epi, tile.data(), nb, ldt, m, w, o, static_cast<int32_t>(kb), sv.data(), si.data(), mp);
         } else {
@@ -253,52 +288,53 @@ void search_grid(const Gemm& gemm, const RowMatrix<scalar_t>& x, const RowMatrix
         }
       }
       if (finish_in_task) {
-        for (int64_t r = 0; r < m; ++r) {
+        for (int64_t j = 0; j < m; ++j) {
           if (exact) {
-            finish_exact(r0 + r, sv.data() + r, si.data() + r, mp, my_hist);
+            finish_exact(g, r0 + j, sv.data() + j, si.data() + j, mp, my_hist);
           } else {
-            finish_fast(r0 + r, sv[r], si[r], my_hist);
+            finish_fast(g, r0 + j, sv[j], si[j], my_hist);
           }
         }
       } else {
         for (int64_t p = 0; p < T; ++p) {
-          std::copy(sv.begin() + p * mp, sv.begin() + p * mp + m, part_v.begin() + (s * T + p) * N + r0);
-          std::copy(si.begin() + p * mp, si.begin() + p * mp + m, part_i.begin() + (s * T + p) * N + r0);
+          std::copy(sv.begin() + p * mp, sv.begin() + p * mp + m, part_v.begin() + (s * T + p) * NT + r0);
+          std::copy(si.begin() + p * mp, si.begin() + p * mp + m, part_i.begin() + (s * T + p) * NT + r0);
         }
       }
     }
     if (!terms_ok) cb_finite = false;
-    gemm.release();
+    if (!gemms.empty()) gemms.front().release();
   });
 
   if (partials) {
     TORCH_CHECK_VALUE(cb_finite.load(), "codebook contains non-finite values (NaN or Inf)");
-    if (fused_terms) cmax = terms.cmax();
+    if (exact && fused_terms) cmax = terms.cmax(G, K);
     // merge the splits, in split order: split s holds lower codes than split s + 1, so a strict < (and, for the
     // top lists, inserting after equal keys) keeps ties on the lowest index
-    at::parallel_for(0, N, 64, [&](int64_t i0, int64_t i1) {
-      int64_t* my_hist = private_hist ? hist.data() + size_t(at::get_thread_num()) * K : nullptr;
+    at::parallel_for(0, NT, 64, [&](int64_t r0, int64_t r1) {
+      int64_t* my_hist = private_hist ? hist.data() + size_t(at::get_thread_num()) * G * K : nullptr;
       acc_t tv[kTopT];
       int32_t ti[kTopT];
-      for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t g = r / N;
         if (!exact) {
-          acc_t bv = part_v[i];
-          int32_t bi = part_i[i];
+          acc_t bv = part_v[r];
+          int32_t bi = part_i[r];
           for (int64_t s = 1; s < S; ++s) {
-            if (part_v[s * N + i] < bv) {
-              bv = part_v[s * N + i];
-              bi = part_i[s * N + i];
+            if (part_v[s * NT + r] < bv) {
+              bv = part_v[s * NT + r];
+              bi = part_i[s * NT + r];
             }
           }
-          finish_fast(i, bv, bi, my_hist);
+          finish_fast(g, r, bv, bi, my_hist);
           continue;
         }
         std::fill(tv, tv + kTopT, kInf);
         std::fill(ti, ti + kTopT, int32_t(-1));
         for (int64_t s = 0; s < S; ++s) {
           for (int64_t p = 0; p < kTopT; ++p) {
-            const acc_t v = part_v[(s * T + p) * N + i];
-            const int32_t c = part_i[(s * T + p) * N + i];
+            const acc_t v = part_v[(s * T + p) * NT + r];
+            const int32_t c = part_i[(s * T + p) * NT + r];
             if (c < 0 || !(v < tv[kTopT - 1])) continue;
             int q = kTopT - 1;
             while (q > 0 && tv[q - 1] > v) {
@@ -310,7 +346,7 @@ void search_grid(const Gemm& gemm, const RowMatrix<scalar_t>& x, const RowMatrix
             ti[q] = c;
           }
         }
-        finish_exact(i, tv, ti, 1, my_hist);
+        finish_exact(g, r, tv, ti, 1, my_hist);
       }
     });
   }
@@ -318,36 +354,47 @@ void search_grid(const Gemm& gemm, const RowMatrix<scalar_t>& x, const RowMatrix
   if (want_hist) {
     int64_t* counts = out.counts;
     if (private_hist) {
-      at::parallel_for(0, K, 4096, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
+      at::parallel_for(0, G * K, 4096, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
           int64_t s = 0;
-          for (int th = 0; th < nthreads; ++th) s += hist[size_t(th) * K + k];
-          counts[k] = s;
+          for (int th = 0; th < nthreads; ++th) s += hist[size_t(th) * G * K + c];
+          counts[c] = s;
         }
       });
     } else {
-      std::memset(counts, 0, sizeof(int64_t) * K);
-      for (int64_t i = 0; i < N; ++i) ++counts[out.codes[i]];
+      std::memset(counts, 0, sizeof(int64_t) * G * K);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < N; ++i) ++counts[g * K + out.codes[g * N + i]];
     }
   }
 }
 
 template <typename scalar_t>
+GroupedRows<scalar_t> grouped(const at::Tensor& t) {
+  return {t.const_data_ptr<scalar_t>(), group_stride(t), t.stride(-2), groups_of(t), t.size(-2), t.size(-1)};
+}
+
+template <typename scalar_t>
 void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, bool exact, const Outputs& out) {
-  const RowMatrix<scalar_t> xm{x.const_data_ptr<scalar_t>(), x.stride(0), x.size(0), x.size(1)};
-  const RowMatrix<scalar_t> cm{cb.const_data_ptr<scalar_t>(), cb.stride(0), cb.size(0), cb.size(1)};
+  const GroupedRows<scalar_t> xm = grouped<scalar_t>(x), cm = grouped<scalar_t>(cb);
   const std::string dtype = dtype_name(x.scalar_type());
   const EpilogueKind epi = epilogue_kind(dtype);
-  const TileKind tile = tile_kind(dtype, x.size(0));
-  if (x.size(0) == 0) {  // nothing to search; the codebook is still checked (README "Method" §1.5)
-    const int64_t K = cb.size(0);
+  // per group: a group's blocks hold its rows only, so its row count is what a GEMM's lanes see
+  const TileKind tile = tile_kind(dtype, xm.rows);
+  if (xm.G == 0) return;
+  if (xm.rows == 0) {  // nothing to search; the codebooks are still checked (README "Method" §1.5)
+    const int64_t K = cm.rows;
     std::vector<double> sq(K);
-    TORCH_CHECK_VALUE(sum_squares_rows(cm, 0, K, sq.data()), "codebook contains non-finite values (NaN or Inf)");
+    for (int64_t g = 0; g < cm.G; ++g)
+      TORCH_CHECK_VALUE(sum_squares_rows(cm.group(g), 0, K, sq.data()), "codebook contains non-finite values (NaN or Inf)");
     return;
   }
+  using RM = RowMatrix<scalar_t>;
 #ifdef VQK_X86
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (tile == TileKind::Avx512Bf16) return search_grid<scalar_t>(Bf16Avx512Gemm(cm, xm), xm, cm, metric, exact, epi, out);
+    if (tile == TileKind::Avx512Bf16)
+      return search_grid<scalar_t>([](const RM& c, const RM& r) { return Bf16Avx512Gemm(c, r); }, xm, cm, metric,
+                                   exact, epi, out);
   }
 #endif
   if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -355,28 +402,36 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
       // the GEMV kernel's vector width: the widest this CPU has (its own choice, apart from the epilogue's)
       const CpuFeatures& f = cpu_features();
       const EpilogueKind isa = f.avx512 ? EpilogueKind::Avx512 : (f.avx2_fma ? EpilogueKind::Avx2 : EpilogueKind::Scalar);
-      return search_grid<scalar_t>(GemvTile<scalar_t>(cm, xm, isa), xm, cm, metric, exact, epi, out);
+      return search_grid<scalar_t>([isa](const RM& c, const RM& r) { return GemvTile<scalar_t>(c, r, isa); }, xm, cm,
+                                   metric, exact, epi, out);
     }
   }
-  search_grid<scalar_t>(AtenTileGemm<scalar_t>(cm, xm), xm, cm, metric, exact, epi, out);
+  search_grid<scalar_t>([](const RM& c, const RM& r) { return AtenTileGemm<scalar_t>(c, r); }, xm, cm, metric, exact,
+                        epi, out);
 }
 
+// x [N, D] / codebook [K, D], or batched x [G, N, D] / codebook [G, K, D] -> codes [(G,) N], z_q [(G,) N, D] (gather
+// only; else empty), dist [(G,) N], counts [(G,) K] (gather only; else empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search(const at::Tensor& x_in, const at::Tensor& cb_in,
                                                                   c10::string_view metric_name, bool exact,
                                                                   bool gather) {
   check_search_args(x_in, cb_in);
   const Metric metric = parse_metric(std::string_view(metric_name.data(), metric_name.size()));
-  // unit stride along D is all the kernels need: row-strided views are read in place
+  // unit stride along D is all the kernels need: row-strided views (and the head split) are read in place
   const at::Tensor x = rows_unit_stride(x_in);
   const at::Tensor cb = rows_unit_stride(cb_in);
-  const int64_t N = x.size(0), D = x.size(1), K = cb.size(0);
+  const bool batched = x.dim() == 3;
+  const int64_t G = groups_of(x), N = x.size(-2), D = x.size(-1), K = cb.size(-2);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto codes = at::empty({N}, x.options().dtype(at::kLong));
-  auto dist = at::empty({N}, x.options().dtype(acc_dtype));
+  const auto rows_shape = batched ? std::vector<int64_t>{G, N} : std::vector<int64_t>{N};
+  const auto zq_shape = batched ? std::vector<int64_t>{G, N, D} : std::vector<int64_t>{N, D};
+  const auto counts_shape = batched ? std::vector<int64_t>{G, K} : std::vector<int64_t>{K};
+  auto codes = at::empty(rows_shape, x.options().dtype(at::kLong));
+  auto dist = at::empty(rows_shape, x.options().dtype(acc_dtype));
   at::Tensor zq, counts;
   if (gather) {
-    zq = at::empty({N, D}, cb.options());
-    counts = at::empty({K}, x.options().dtype(at::kLong));
+    zq = at::empty(zq_shape, cb.options());
+    counts = at::empty(counts_shape, x.options().dtype(at::kLong));
   } else {
     zq = at::empty({0}, cb.options());
     counts = at::empty({0}, x.options().dtype(at::kLong));

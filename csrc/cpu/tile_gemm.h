@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -33,6 +34,30 @@ struct RowMatrix {
   int64_t rows, D;
   const scalar_t* row(int64_t i) const { return data + i * ld; }
 };
+
+// The rows of G groups (the batched form, README "Method" §1.6): group g's matrix starts gs elements after group
+// g - 1's, each with unit stride along D. A 2-D operand is one group. The head split x.view(N, G, D).transpose(0, 1)
+// is gs = D, ld = G * D: read where it lies, like any row-strided view.
+template <typename scalar_t>
+struct GroupedRows {
+  const scalar_t* data;
+  int64_t gs;  // elements between consecutive groups
+  int64_t ld;  // elements between consecutive rows of a group
+  int64_t G, rows, D;
+  RowMatrix<scalar_t> group(int64_t g) const { return {data + g * gs, ld, rows, D}; }
+  const scalar_t* row(int64_t g, int64_t i) const { return data + g * gs + i * ld; }
+};
+
+// f(g, i0, i1) for each group's share of the rows [r0, r1) of all groups together (row r is row r % rows of group
+// r / rows): the flat ranges at::parallel_for hands out, cut at group boundaries.
+template <typename F>
+void for_group_ranges(int64_t r0, int64_t r1, int64_t rows, F&& f) {
+  while (r0 < r1) {
+    const int64_t g = r0 / rows, i0 = r0 - g * rows, i1 = std::min(rows, i0 + (r1 - r0));
+    f(g, i0, i1);
+    r0 += i1 - i0;
+  }
+}
 
 // fp32 / bf16 / fp16 on ATen's brgemm (oneDNN's ukernel where the CPU has one, AMX tiles included, else its
 // fallback) with the column block transposed into a D x nc buffer; fp64 (and fp32 where brgemm is missing) on
