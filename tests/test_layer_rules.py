@@ -88,14 +88,20 @@ def _hand_search(name, cb, x):
 def test_ema_update_follows_the_hand_loop(name):
     """N <- gamma N + (1 - gamma) n, m <- gamma m + (1 - gamma) s from one-hot sums, codebook = m / N~ with
     Laplace smoothing per block, for three steps; every search uses the codebook the EMA wrote."""
-    gamma, eps = 0.9, 1e-3
+    gamma, eps = 0.9, 0.05
     layer = _make(name, ema_update=True, decay=gamma, eps=eps)
     blocks = LAYERS[name][1]
     cb = layer.get_codebook().double()
     kb = K // blocks
-    size = torch.ones(blocks, kb, dtype=torch.float64)  # as if every code had held one row equal to itself
-    avg = cb.view(blocks, kb, -1).clone()
-    torch.testing.assert_close(layer.embed_avg.view(blocks, kb, -1), avg)
+    # the start: as if every code had held one row equal to itself
+    assert torch.equal(layer.cluster_size, torch.ones(K, dtype=torch.float64))
+    torch.testing.assert_close(layer.embed_avg, cb)
+    # from a state whose blocks differ in total size (so smoothing per block and over all codes differ)
+    g = torch.Generator().manual_seed(7)
+    size = (0.5 + torch.rand(blocks, kb, generator=g, dtype=torch.float64)) * (1 + 9 * torch.arange(blocks))[:, None]
+    avg = torch.randn(blocks, kb, cb.shape[1], generator=g, dtype=torch.float64)
+    layer.cluster_size.copy_(size.view(-1))
+    layer.embed_avg.copy_(avg.view(K, -1))
     for step in range(3):
         x = _x(name, seed=10 + step)
         per_block, want = _hand_search(name, cb, x)
