@@ -14,7 +14,7 @@ The layers hold no search code of their own: every search, gather and per-code r
 The gradient-side rules are functions the layers call: the rotation trick (:mod:`.rotation`) in place of the
 straight-through estimator, tempered code sampling (:mod:`.sampling`) in place of the search in training, and the
 orthogonal regulariser (:mod:`.orthogonal`) added to the loss; the low-dimensional codebook projection
-(``codebook_dim``) wraps the whole quantiser (README "Method" §2.9-§2.13).
+(``codebook_dim``) wraps the whole quantiser (README "Method" §2.9-§2.14).
 
 Each update module owns its distributed sync (:mod:`.distributed` has the collectives), so that codebooks stay
 identical on every rank (README "Method" §4).

@@ -30,7 +30,7 @@ class VectorQuantiser(VQBase):
             commitment term alone ``beta mean((x - sg(z_q))^2)`` (README "Method" §2.9).
         threshold_ema_dead_code, rotation_trick, stochastic_sample_codes, sample_codebook_temp,
         orthogonal_reg_weight, orthogonal_reg_active_codes_only, orthogonal_reg_max_codes, codebook_dim: as for
-            :class:`vqkernels.nn.VectorQuant` (README "Method" §2.10-§2.13).
+            :class:`vqkernels.nn.VectorQuant` (README "Method" §2.10-§2.14).
         backend: backend of the ops: "auto" or one of "cpu", "cuda", "triton", "torch".
 
     Forward: ``z [B, D, ...]`` -> ``(z_q [B, D, ...], loss, (perplexity, encodings or None, indices [N]))``.

@@ -45,7 +45,7 @@ class VectorQuant(VQBase):
         orthogonal_reg_weight, orthogonal_reg_active_codes_only, orthogonal_reg_max_codes: orthogonal regulariser
             of the effective codebook added to the training loss (§2.13).
         codebook_dim: search in a codebook of this size: ``Linear(D, codebook_dim)`` before the quantiser and
-            ``Linear(codebook_dim, D)`` after it (Yu et al. 2022, §3.2).
+            ``Linear(codebook_dim, D)`` after it (Yu et al. 2022, §3.2; README "Method" §2.14).
         backend: backend of the ops: "auto" or one of "cpu", "cuda", "triton", "torch".
         sync: keep codebooks and buffers identical on every rank of a torch.distributed process group
             (README "Method" §4); None: whenever a process group of more than one rank is initialised.
