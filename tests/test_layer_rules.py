@@ -287,8 +287,15 @@ def test_rotation_trick_gradient_reaches_the_input(name):
 # ---------------------------------------------------------------------------------------------------------------
 # stochastic code sampling
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["vq", "group-separate", "cvq"])
+def _law(x, block, t):
+    """``P(k | x) = softmax_k(-|x - c_k|^2 / T)`` over the codes of ``block``, fp64."""
+    return torch.softmax(-((x - block) ** 2).sum(-1) / t, -1)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
 def test_sampling_follows_the_tempered_law_in_training_only(name):
+    """Many copies of one input: the frequencies of the drawn codes (per sub-vector; jointly over the stages of the
+    residual layer, stage 2 quantising what stage 1's draw left) within 5 sigma of the tempered law."""
     t, n = 0.6, 12000
     layer = _make(name, stochastic_sample_codes=True, sample_codebook_temp=t)
     with torch.no_grad():  # codes close enough that every one has a fair share of the law
@@ -300,17 +307,25 @@ def test_sampling_follows_the_tempered_law_in_training_only(name):
         x = x.T.reshape(1, D, n, 1)
     torch.manual_seed(5)
     z_q, _, codes = _run(layer, x)
-    s = codes.shape[1] if name != "vq" else 1
-    sub = D // s if name == "group-separate" else D
-    kb = K // s if name == "group-separate" else K
-    for g in range(s):
-        xs = x0[:, g * sub : (g + 1) * sub]
-        block = cb[g * kb : (g + 1) * kb]
-        p = torch.softmax(-((xs - block) ** 2).sum(1) / t, 0)
-        freq = torch.bincount(codes[:, g] - g * kb, minlength=kb).double() / n
-        assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all(), (g, freq, p)
+    kb = K // G
+    if name == "residual":  # joint law of (k1, k2): P(k1) P(k2 | x - c_k1)
+        p1 = _law(x0[0], cb[:kb], t)
+        p2 = _law((x0[0] - cb[:kb])[:, None, :], cb[kb:][None], t)
+        p = (p1[:, None] * p2).reshape(-1)
+        cells = [(codes[:, 0] * kb + codes[:, 1] - kb, p)]
+    elif name.startswith("group"):
+        sub = D // G
+        blocks = [cb[g * kb : (g + 1) * kb] if name == "group-separate" else cb for g in range(G)]
+        offsets = [g * kb if name == "group-separate" else 0 for g in range(G)]
+        cells = [(codes[:, g] - offsets[g], _law(x0[0, g * sub : (g + 1) * sub], blocks[g], t)) for g in range(G)]
+    else:
+        cells = [(codes[:, 0], _law(x0[0], cb, t))]
+    for drawn, p in cells:
+        freq = torch.bincount(drawn, minlength=p.numel()).double() / n
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all(), (freq, p)
     # the outputs follow the drawn codes
-    torch.testing.assert_close(_rows(name, z_q.detach()).reshape(n, -1), cb[codes].reshape(n, -1))
+    want = cb[codes].sum(1) if name == "residual" else cb[codes].reshape(n, -1)
+    torch.testing.assert_close(_rows(name, z_q.detach()).reshape(n, -1), want)
     layer.eval()
     _, _, codes = _run(layer, x)
     _, want = _hand_search(name, cb, x)
@@ -378,6 +393,20 @@ def test_orthogonal_term_on_at_most_max_codes():
     keep = torch.tensor([[True, False, True, True, False], [False] * 5])
     want = (_orthogonal_by_hand(heads[0][keep[0]]) + 0.0) / 2  # an empty subset counts as 0
     torch.testing.assert_close(_orthogonal_loss_of_subsets(heads, keep), want)
+
+
+@pytest.mark.parametrize("writer", [dict(replace_freq=1), dict(anchor="probrandom"), dict(threshold_ema_dead_code=1.0)])
+def test_orthogonal_term_backpropagates_past_the_updates_after_the_forward(writer):
+    """The updates after the forward write the codes in place before the backward: the term's gradient is that of
+    the codes the forward saw."""
+    layer = _make("vq", orthogonal_reg_weight=1.0, **writer)
+    plain = _make("vq", orthogonal_reg_weight=1.0)
+    x = _x("vq") * 0.01  # most codes unused: the writers move them
+    cb = plain.get_codebook()
+    _run(plain, x)[1].backward()
+    _run(layer, x)[1].backward()
+    assert not torch.equal(layer.get_codebook(), cb)
+    torch.testing.assert_close(layer.codebook_weight.grad, plain.codebook_weight.grad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
