@@ -8,7 +8,7 @@ from vqkernels.nn import GroupVectorQuant, ResidualVectorQuant, VectorQuant, Vec
 
 CONFIGS = {
     "vq_full": (
-        lambda: VectorQuant(
+        lambda **kw: VectorQuant(
             8,
             16,
             dim=-1,
@@ -19,6 +19,7 @@ CONFIGS = {
             affine_groups=2,
             anchor="random",
             sync_nu=0.1,
+            **kw,
         ),
         [
             "affine_transform.bias",
@@ -33,7 +34,7 @@ CONFIGS = {
         ],
     ),
     "vq_running": (
-        lambda: VectorQuant(8, 16, dim=-1, affine_mode="running", anchor="closest"),
+        lambda **kw: VectorQuant(8, 16, dim=-1, affine_mode="running", anchor="closest", **kw),
         [
             "affine_transform.running_c_mean",
             "affine_transform.running_c_var",
@@ -46,20 +47,91 @@ CONFIGS = {
         ],
     ),
     "group": (
-        lambda: GroupVectorQuant(
-            8, 16, groups=2, share=False, dim=-1, replace_freq=3, kmeans_init=True, kmeans_iters=2
+        # TODO(batched): the default backend once the cpu kernels take the batched form
+        lambda **kw: GroupVectorQuant(
+            8,
+            16,
+            groups=2,
+            share=False,
+            dim=-1,
+            replace_freq=3,
+            kmeans_init=True,
+            kmeans_iters=2,
+            backend="torch",
+            **kw,
         ),
         ["codebook.weight", "data_initialized", "lru_counters"],
     ),
     "residual": (
-        lambda: ResidualVectorQuant(8, 16, groups=2, dim=-1, anchor="probrandom"),
+        lambda **kw: ResidualVectorQuant(8, 16, groups=2, dim=-1, anchor="probrandom", **kw),
         ["anchor_initialized", "codebook.weight", "embed_prob"],
     ),
     "cvq": (
-        lambda: VectorQuantiser(16, 8, anchor="random"),
+        lambda **kw: VectorQuantiser(16, 8, anchor="random", **kw),
         ["anchor_initialized", "embed_prob", "embedding.weight", "feature_pool", "pool_filled"],
     ),
+    # the codebook rules add their state only when on
+    "vq_ema": (
+        lambda **kw: VectorQuant(
+            8, 16, dim=-1, ema_update=True, threshold_ema_dead_code=1.0, codebook_dim=4, kmeans_init=True, **kw
+        ),
+        [
+            "cluster_size",
+            "codebook.weight",
+            "data_initialized",
+            "embed_avg",
+            "project_in.bias",
+            "project_in.weight",
+            "project_out.bias",
+            "project_out.weight",
+        ],
+    ),
+    "group_expiry": (
+        # TODO(batched): the default backend once the cpu kernels take the batched form
+        lambda **kw: GroupVectorQuant(
+            8,
+            16,
+            groups=2,
+            share=False,
+            dim=-1,
+            threshold_ema_dead_code=1.0,
+            rotation_trick=True,
+            backend="torch",
+            **kw,
+        ),
+        ["cluster_size", "codebook.weight", "embed_avg"],
+    ),
+    "cvq_ema": (
+        lambda **kw: VectorQuantiser(16, 8, ema_update=True, orthogonal_reg_weight=0.0, codebook_dim=4, **kw),
+        [
+            "anchor_initialized",
+            "cluster_size",
+            "embed_avg",
+            "embed_prob",
+            "embedding.weight",
+            "project_in.bias",
+            "project_in.weight",
+            "project_out.bias",
+            "project_out.weight",
+        ],
+    ),
 }
+
+# every codebook-rule option at its default
+RULES_OFF = dict(
+    ema_update=False,
+    decay=0.99,
+    eps=1e-5,
+    threshold_ema_dead_code=0,
+    rotation_trick=False,
+    stochastic_sample_codes=False,
+    sample_codebook_temp=1.0,
+    orthogonal_reg_weight=0.0,
+    orthogonal_reg_active_codes_only=False,
+    orthogonal_reg_max_codes=None,
+    codebook_dim=None,
+)
+ORIGINAL = ["vq_full", "vq_running", "group", "residual", "cvq"]
 
 
 def _batch(name: str) -> torch.Tensor:
@@ -83,3 +155,37 @@ def test_state_dict_layout_is_stable_and_round_trips(name):
     trained.eval(), fresh.eval()
     out_a, out_b = trained(x), fresh(x)
     assert torch.equal(out_a[0], out_b[0])
+
+
+@pytest.mark.parametrize("name", ORIGINAL)
+def test_rule_options_off_keep_the_layout(name):
+    """Every codebook-rule option at its default: the same state_dict keys, and a checkpoint of the layer without
+    them loads strictly."""
+    make, keys = CONFIGS[name]
+    torch.manual_seed(0)
+    plain = make().train()
+    plain(_batch(name))
+    torch.manual_seed(0)
+    with_defaults = make(**RULES_OFF)
+    assert sorted(with_defaults.state_dict()) == keys
+    with_defaults.load_state_dict(plain.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("name", ["vq_running", "cvq"])
+def test_checkpoint_without_ema_statistics_loads_into_an_ema_layer(name):
+    """A checkpoint trained without the EMA (a vqtorch or CVQ-VAE one) loads strictly into a layer with
+    ema_update on; the EMA restarts from the loaded codes: N = 1 and m = the effective code."""
+    make, _ = CONFIGS[name]
+    torch.manual_seed(0)
+    old = make().train()
+    for _ in range(2):
+        old(_batch(name))
+    torch.manual_seed(1)
+    new = make(ema_update=True)
+    assert not torch.equal(new.codebook_weight, old.codebook_weight)
+    new.load_state_dict(old.state_dict(), strict=True)
+    assert torch.equal(new.codebook_weight, old.codebook_weight)
+    assert torch.equal(new.cluster_size, torch.ones(16))
+    torch.testing.assert_close(new.embed_avg, old.get_codebook())
+    new(_batch(name))  # and it trains on
+    assert not torch.equal(new.cluster_size, torch.ones(16))

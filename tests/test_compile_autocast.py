@@ -12,9 +12,39 @@ LAYERS = {
     "vq-affine-sync": lambda: VectorQuant(8, 32, dim=-1, sync_nu=0.5, affine_lr=2.0),
     "vq-cosine-norms": lambda: VectorQuant(8, 32, dim=1, metric="cosine", norm="l2", cb_norm="l2"),
     "group-shared": lambda: GroupVectorQuant(8, 32, groups=2, share=True, dim=-1),
-    "group-separate": lambda: GroupVectorQuant(8, 32, groups=2, share=False, dim=-1),
+    # TODO(batched): the default backend once the cpu kernels take the batched form
+    "group-separate": lambda: GroupVectorQuant(8, 32, groups=2, share=False, dim=-1, backend="torch"),
     "residual": lambda: ResidualVectorQuant(8, 32, groups=2, dim=-1),
     "cvq-eval": lambda: VectorQuantiser(32, 8, beta=0.25).eval(),
+    # the gradient-side codebook rules trace with the rest (no data-dependent shapes, no eager update)
+    "vq-rules": lambda: VectorQuant(
+        8,
+        32,
+        dim=-1,
+        rotation_trick=True,
+        sync_nu=0.3,
+        orthogonal_reg_weight=0.1,
+        orthogonal_reg_active_codes_only=True,
+        codebook_dim=4,
+    ),
+    # TODO(batched): the default backend once the cpu kernels take the batched form
+    "group-separate-rules": lambda: GroupVectorQuant(
+        8,
+        32,
+        groups=2,
+        share=False,
+        dim=-1,
+        backend="torch",
+        rotation_trick=True,
+        orthogonal_reg_weight=0.1,
+        codebook_dim=3,
+    ),
+    "residual-rules": lambda: ResidualVectorQuant(
+        8, 32, groups=2, share=False, dim=-1, rotation_trick=True, orthogonal_reg_weight=0.1, codebook_dim=4
+    ),
+    "cvq-rules": lambda: VectorQuantiser(
+        32, 8, anchor=None, rotation_trick=True, orthogonal_reg_weight=0.1, codebook_dim=4
+    ),
 }
 
 
@@ -27,7 +57,7 @@ def _loss(layer, x):
 
 def _input(name):
     g = torch.Generator().manual_seed(0)
-    if name in ("vq-cosine-norms", "cvq-eval"):
+    if name in ("vq-cosine-norms", "cvq-eval", "cvq-rules"):
         return torch.randn(4, 8, 3, 3, generator=g)
     return torch.randn(64, 8, generator=g)
 
@@ -72,6 +102,42 @@ def test_updates_break_the_graph_only_at_the_updates():
     explain = torch._dynamo.explain(lambda x: _loss(make(), x))(torch.randn(40, 8))
     assert explain.graph_break_count >= 1
     for reason in explain.break_reasons:  # each break is a call into an eager (compiler.disable) update
+        assert "disable" in reason.reason, reason
+
+
+@pytest.mark.parametrize("kind", ["vq", "group-separate"])
+def test_ema_expiry_and_sampling_break_the_graph_only_at_the_updates(kind):
+    """EMA update, expiry by EMA size and stochastic sampling on: the compiled steps equal the eager ones (the same
+    draws: the seed comes from torch's generator in both), and every graph break is an eager (compiler.disable)
+    call: the update after the forward and the draw of the codes."""
+    opts = dict(
+        ema_update=True, decay=0.9, threshold_ema_dead_code=1.0, stochastic_sample_codes=True, sample_codebook_temp=0.5
+    )
+
+    def make():
+        torch.manual_seed(0)
+        if kind == "vq":
+            return VectorQuant(8, 16, dim=-1, **opts)
+        # TODO(batched): the default backend once the cpu kernels take the batched form
+        return GroupVectorQuant(8, 16, groups=2, share=False, dim=-1, backend="torch", **opts)
+
+    eager, compiled = make(), make()
+    step = torch.compile(lambda x: _loss(compiled, x))
+    for i in range(3):
+        x = torch.randn(40, 8, generator=torch.Generator().manual_seed(i))
+        xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)  # (the codebook takes no gradient)
+        torch.manual_seed(10 + i)
+        _loss(eager, xe).backward()
+        torch.manual_seed(10 + i)
+        step(xc).backward()
+        torch.testing.assert_close(xc.grad, xe.grad)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    torch._dynamo.reset()
+    fresh = make()
+    explain = torch._dynamo.explain(lambda x: _loss(fresh, x))(torch.randn(40, 8))
+    assert explain.graph_break_count >= 2
+    for reason in explain.break_reasons:
         assert "disable" in reason.reason, reason
 
 

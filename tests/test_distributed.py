@@ -32,7 +32,8 @@ def _make(kind: str, anchor: str | None, **kw):
     torch.manual_seed(0)
     common = dict(dim=-1, kmeans_init=True, kmeans_iters=3, anchor=anchor, **kw)
     if kind == "group":
-        return GroupVectorQuant(8, 16, groups=2, share=False, replace_freq=2, **common)
+        # TODO(batched): the default backend once the cpu kernels take the batched form
+        return GroupVectorQuant(8, 16, groups=2, share=False, replace_freq=2, backend="torch", **common)
     return VectorQuant(8, 16, replace_freq=2, affine_mode="running", **common)
 
 
@@ -42,12 +43,12 @@ def _init_group(rank: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timeout)
 
 
-def _worker(rank, store, out_dir, kind, anchor, empty_rank, train):
+def _worker(rank, store, out_dir, kind, anchor, empty_rank, train, opts):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     _init_group(rank, store)
     try:
-        layer = _make(kind, anchor)
+        layer = _make(kind, anchor, **opts)
         model = torch.nn.parallel.DistributedDataParallel(layer) if train else layer
         opt = torch.optim.SGD(layer.parameters(), lr=0.05) if train else None
         torch.manual_seed(100 + rank)  # each rank's own randomness: the sync must not depend on it agreeing
@@ -69,12 +70,11 @@ def _worker(rank, store, out_dir, kind, anchor, empty_rank, train):
     os._exit(0)
 
 
-def _run(tmp_path, kind="vq", anchor="closest", empty_rank=-1, train=True):
+def _run(tmp_path, kind="vq", anchor="closest", empty_rank=-1, train=True, opts=None):
     ctx = mp.get_context("spawn")
     store = _store(tmp_path)
-    procs = [
-        ctx.Process(target=_worker, args=(r, store, str(tmp_path), kind, anchor, empty_rank, train)) for r in range(2)
-    ]
+    args = (store, str(tmp_path), kind, anchor, empty_rank, train, opts or {})
+    procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -100,6 +100,19 @@ def test_group_layer_and_empty_batches_on_one_rank(tmp_path):
     s0, s1 = _run(tmp_path, kind="group", anchor="probrandom", empty_rank=1)
     for key in s0:
         assert torch.equal(s0[key], s1[key]), key
+
+
+@pytest.mark.parametrize("kind,anchor", [("vq", None), ("group", "probrandom")])
+def test_ema_update_and_expiry_keep_ranks_identical(tmp_path, kind, anchor):
+    """The EMA update and the expiry by EMA size on top of every other update (k-means init, LRU, anchors, running
+    affine for vq), a projection trained by DDP, empty batches on rank 1: the codebook and the EMA buffers stay
+    identical on both ranks (the writers that broadcast rank 0's codes broadcast the EMA sums re-seeded from them)."""
+    opts = dict(ema_update=True, decay=0.9, threshold_ema_dead_code=1.0, codebook_dim=3)
+    s0, s1 = _run(tmp_path, kind=kind, anchor=anchor, empty_rank=1, opts=opts)
+    assert {"cluster_size", "embed_avg", "project_in.weight"} <= set(s0)
+    for key in s0:
+        assert torch.equal(s0[key], s1[key]), key
+    assert not torch.equal(s0["cluster_size"], torch.ones(16))  # the EMA moved
 
 
 def test_rank_zero_with_empty_batches_does_not_hang(tmp_path):

@@ -85,31 +85,17 @@ class VQAutoEncoder(nn.Module):
         return self.decoder(z_q), loss, codes.reshape(z.shape[0], *z.shape[2:])
 
 
-def codebook_only_sgd(num_codes: int, lr: float, momentum: float) -> Callable[[list], torch.optim.Optimizer]:
-    """An ``inplace_optimizer`` that steps the codebook (the ``[K, D]`` parameter) by SGD and leaves the affine
-    parameters (``[G, D]``) to the task optimizer, as vqtorch does.
-
-    Our layer hands the affine parameters to the in-place optimizer too (README "Method" §2.4). vqtorch's SGD(lr=50) is
-    sized for the codes (about a Lloyd step for a code that holds the whole batch when D = 32); on
-    ``A = 1 + affine_lr * s`` the same step is affine_lr^2 times larger, and training diverges."""
-
-    def make(params) -> torch.optim.Optimizer:
-        params = list(params)
-        codes = [p for p in params if p.shape[0] == num_codes]
-        others = [p for p in params if p.shape[0] != num_codes]
-        return torch.optim.SGD([{"params": codes}, {"params": others, "lr": 0.0}], lr=lr, momentum=momentum)
-
-    return make
-
-
 def make_quantiser(method: str, cfg: Config) -> nn.Module:
     """The method's VQ layer for ``[B, D, h, w]`` latents (feature axis 1)."""
     k, d, backend = cfg.num_codes, cfg.code_dim, cfg.backend
     if method == "plain":
         return VectorQuant(d, k, beta=cfg.plain_beta, dim=1, backend=backend)
     if method == "vqtorch":
-        # alternating optimisation needs beta = 1: no commitment term, the codes chase the encoder instead
-        opt = codebook_only_sgd(k, cfg.vqtorch_inplace_lr, cfg.vqtorch_inplace_momentum)
+        # alternating optimisation needs beta = 1: no commitment term, the codes chase the encoder instead; the
+        # in-place SGD steps the codebook only (the layer's default, as in vqtorch)
+        def opt(params):
+            return torch.optim.SGD(params, lr=cfg.vqtorch_inplace_lr, momentum=cfg.vqtorch_inplace_momentum)
+
         return VectorQuant(
             d,
             k,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as vq_dist
+from . import ema_update as ema_layer
 from .affine import AffineTransform
 from .norms import CODEBOOK_NORMS, codebook_norm
 
@@ -65,7 +66,8 @@ class CodebookMixin:
         return hasattr(self, "affine_transform") and self.affine_transform.mode == "running"
 
     def _codebook_params(self, include_affine: bool = True) -> list[nn.Parameter]:
-        """The raw codes and, with ``include_affine``, the learned affine parameters."""
+        """The raw codes and, with ``include_affine``, the learned affine parameters (what the in-place optimiser
+        of the alternating optimisation steps)."""
         params = [self.codebook_weight]
         if include_affine and hasattr(self, "affine_transform") and self.affine_transform.mode == "learned":
             params += [self.affine_transform.scale, self.affine_transform.bias]
@@ -74,9 +76,11 @@ class CodebookMixin:
     def effective_codebook(self) -> Tensor:
         """``C_hat = affine(cb_norm(C))`` ``[K, D']``, differentiable w.r.t. the codebook and affine parameters."""
         w = self.codebook_weight
-        if self.training and self._has_transform() and self._updates_after_forward():
-            # The transform saves its input for backward; the in-place updates after the forward must not
-            # change what backward sees, so the transform works on a copy (one K x D' copy per step).
+        saved_for_backward = self._has_transform() or getattr(self, "orthogonal_reg_weight", 0.0) > 0
+        if self.training and w.requires_grad and saved_for_backward and self._updates_after_forward():
+            # The transform (and the orthogonal term's normalisation) save their input for backward; the in-place
+            # updates after the forward must not change what backward sees, so they work on a copy (one K x D'
+            # copy per step).
             w = w.clone()
         c = codebook_norm(w, self.codebook_norm)
         if hasattr(self, "affine_transform"):
@@ -95,16 +99,20 @@ class CodebookMixin:
         return None
 
     @torch.no_grad()
-    def _write_effective(self, codes: Tensor, vectors: Tensor) -> None:
+    def _write_effective(self, codes: Tensor, vectors: Tensor, reseed: bool = True) -> None:
         """Set raw codes so that their *effective* value (after affine) equals ``vectors [M, D']``.
 
         With ``cb_norm`` the raw code is written as the inverse-affine vector; its effective value is then that
-        vector after the codebook normalisation.
+        vector after the codebook normalisation. With ``ema_update`` on (and ``reseed``: every writer but the EMA
+        itself), the EMA sums of the written codes are re-seeded so that the next EMA step starts from them.
         """
         raw = vectors.to(self.codebook_weight.dtype)
         if hasattr(self, "affine_transform"):
-            raw = self.affine_transform.inverse(raw.float(), codes, self.num_codes).to(raw.dtype)
+            acc = torch.promote_types(raw.dtype, torch.float32)  # (fp64 codes stay fp64)
+            raw = self.affine_transform.inverse(raw.to(acc), codes, self.num_codes).to(raw.dtype)
         self.codebook_weight.index_copy_(0, codes, raw)
+        if reseed:
+            ema_layer.reseed(self, codes)
 
     @torch.compiler.disable
     @torch.no_grad()

@@ -4,7 +4,7 @@ Per-code counters start at ``T = replace_freq``; every training forward decremen
 codes used in the batch to T; codes at 0 are dead and become random batch vectors ``v + 0.01 |v| eps``
 (``eps ~ N(0, I)``), written so that the *effective* code (after affine) equals that vector. Under a process group
 the usage counts are summed over ranks first, and rank 0's codebook and counters (whose replacement vectors were
-drawn at random) are broadcast after the update.
+drawn at random; with the EMA on, its re-seeded EMA buffers too) are broadcast after the update.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as vq_dist
+from . import ema_update as ema_layer
 from .segments import Segment
 
 
@@ -40,5 +41,5 @@ def replace(layer: nn.Module, segments: list[Segment], counts: Tensor) -> None:
         v = v + 0.01 * v.norm(dim=1, keepdim=True) * torch.randn_like(v)
         layer._write_effective(dead, v)
         layer.lru_counters[dead] = t
-    if sync:  # the replacement vectors are rank 0's
-        vq_dist.broadcast_state([layer.codebook_weight, layer.lru_counters])
+    if sync:  # the replacement vectors are rank 0's (and so are the EMA sums re-seeded from them)
+        vq_dist.broadcast_state([layer.codebook_weight, layer.lru_counters, *ema_layer.state(layer)])

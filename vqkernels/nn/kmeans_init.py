@@ -3,7 +3,8 @@
 On the first training forward, before the search, every segment's block of codes is fitted by k-means++ and Lloyd
 (:func:`vqkernels.nn.kmeans.kmeans`, on the fused ops) to the rows that will search it, and written as effective
 codes. Under a process group the fit runs on rank 0 on the rows of every rank (gathered, at most
-``KMEANS_MAX_ROWS`` of them) and the codebook is broadcast, so every rank starts from the same codes. The buffer
+``KMEANS_MAX_ROWS`` of them) and the codebook (with the EMA buffers re-seeded from it, when on) is broadcast, so
+every rank starts from the same codes. The buffer
 ``data_initialized`` (vqtorch's name) records that it happened.
 """
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from . import distributed as vq_dist
+from . import ema_update as ema_layer
 from .kmeans import kmeans
 from .segments import Segment
 
@@ -59,7 +61,7 @@ def fit(layer: nn.Module, segments: list[Segment]) -> None:
     gathered = [Segment(vq_dist.all_gather_rows(s.rows, KMEANS_MAX_ROWS), s.lo, s.hi) for s in segments]
     if torch.distributed.get_rank() == 0:
         _fit(layer, gathered)
-    vq_dist.broadcast_state([layer.codebook_weight])
+    vq_dist.broadcast_state([layer.codebook_weight, *ema_layer.state(layer)])
 
 
 def mark_done(layer: nn.Module) -> None:

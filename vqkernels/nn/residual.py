@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from . import kmeans_init as km_init
-from .base import Segment, move_features_last
-from .functional import convex_vq_loss, perplexity, straight_through
+from .base import Segment
+from .functional import perplexity
 from .vector_quant import VectorQuant
 
 
@@ -18,7 +18,10 @@ class ResidualVectorQuant(VectorQuant):
     ``share=True``: every stage searches the same K codes; ``share=False``: stage i searches its own block of
     K/G codes (codes offset by i*K/G). Stages depend on each other, so they run one search each. The loss is the
     mean over stages of the convex loss between ``r_i`` and ``z_hat_i``. ``out["q"]``/``out["d"]`` are
-    ``[..., G]``; ``out["z"]``/``out["z_q"]`` are ``[..., 1, D]`` (input and summed quantisation).
+    ``[..., G]``; ``out["z"]``/``out["z_q"]`` are ``[..., 1, D']`` (input and summed quantisation, in the search
+    space). The options of :class:`VectorQuant` act on every stage (with ``share=False`` the EMA smoothing, the
+    expiry and the orthogonal term per block; ``codebook_dim`` projects once, around all the stages; the rotation
+    trick rotates the input onto the summed quantisation).
     """
 
     def __init__(self, feature_size: int, num_codes: int, groups: int = 1, share: bool = True, **kwargs):
@@ -36,11 +39,11 @@ class ResidualVectorQuant(VectorQuant):
         return stage * size, (stage + 1) * size
 
     def forward(self, z: Tensor) -> tuple[Tensor, dict]:
-        x = self.norm_layer(move_features_last(z, self.dim, self.feature_size))
+        x = self._inputs(z)
         if not self.enabled:
-            return x.movedim(-1, self.dim), {}
+            return self._outputs(x), {}
         shape = x.shape
-        xf = x.reshape(-1, self.feature_size)
+        xf = x.reshape(-1, self.code_dim)
         init = km_init.enabled(self) and self.training and km_init.pending(self)
         if self.training and self._running_affine():
             self._update_running_affine(xf.detach())
@@ -55,7 +58,7 @@ class ResidualVectorQuant(VectorQuant):
             if cb is None:
                 cb = self.effective_codebook()
             res = self._search(residual, cb, lo, hi)
-            losses.append(convex_vq_loss(residual, res.z_q, self.beta))
+            losses.append(self._vq_loss(residual, res.z_q))
             total = total + res.z_q
             codes.append(res.codes + lo)
             dists.append(res.dist)
@@ -67,10 +70,13 @@ class ResidualVectorQuant(VectorQuant):
         loss = torch.stack(losses).mean()
         if self.contrastive and self.training:
             loss = loss + sum(self._contrastive_loss(s.rows, cb[s.lo : s.hi]) for s in segments) / len(segments)
-        out_rows = straight_through(xf, total, self.nu)
+        loss = self._with_orthogonal(loss, cb, counts)
+        out_rows = self._straight_through(xf, total)
+        seg_codes = codes
         if self.share:
             segments = [Segment(torch.cat([s.rows for s in segments]), 0, self.num_codes)]
-        self._after_forward(segments, counts)
+            seg_codes = [torch.cat(codes)]
+        self._after_forward(segments, counts, seg_codes)
         d = torch.stack(dists, 1)
         d = d.sqrt() if self.metric == "l2" else d
         lead = shape[:-1]
@@ -82,4 +88,4 @@ class ResidualVectorQuant(VectorQuant):
             "loss": loss,
             "perplexity": perplexity(counts),
         }
-        return out_rows.view(shape).movedim(-1, self.dim), out
+        return self._outputs(out_rows.view(shape)), out
