@@ -224,6 +224,31 @@ def test_one_group_equals_the_2d_op(bd):
         assert torch.equal(a[0], b)
 
 
+@pytest.mark.parametrize("bd", [p for p in BATCHED_BACKENDS if p.values[0][0] != "torch"])
+def test_more_groups_than_one_launch_holds(bd):
+    """65545 tiny groups: more than a CUDA grid axis holds (65535), so the CUDA kernels take two launches; on the
+    CPU, as many (group, block) tasks. Exact codes, per-group histograms and sums, and sample's noise keyed by the
+    group (the reference's loop over groups would take minutes: fp64 brute force in one batched expression)."""
+    backend, dev = bd
+    g, n, k, d = 65545, 2, 3, 4
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(g, n, d, generator=gen, dtype=torch.float64)
+    cb = torch.randn(g, k, d, generator=gen, dtype=torch.float64)
+    want = ((x[:, :, None, :] - cb[:, None, :, :]) ** 2).sum(-1).argmin(-1)  # [G, N]
+    q = vq.quantize(x.float().to(dev), cb.float().to(dev), exact=True, backend=backend)
+    assert torch.equal(q.codes.cpu(), want)
+    counts = torch.zeros(g, k, dtype=torch.int64).scatter_add_(1, want, torch.ones_like(want))
+    assert torch.equal(q.counts.cpu(), counts)
+    sums, counts2 = vq.code_stats(x.float().to(dev), q.codes, k, backend=backend)
+    want_sums = torch.zeros(g, k, d, dtype=torch.float64).scatter_add_(1, want[..., None].expand(g, n, d), x)
+    torch.testing.assert_close(sums.cpu().double(), want_sums, rtol=1e-6, atol=1e-6)
+    assert torch.equal(counts2.cpu(), counts)
+    s = vq.sample_code(x.float().to(dev), cb.float().to(dev), seed=23, backend=backend).cpu()
+    for i in (0, 1, 65534, 65535, g - 1):  # both sides of the launch boundary
+        ref = reference.sample(x[i].float(), cb[i].float(), "l2", seed_to_schema(23), code_offset=i * k)
+        assert torch.equal(s[i], ref), i
+
+
 @pytest.mark.parametrize("bd", BATCHED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_no_groups_and_no_rows(dtype, bd):

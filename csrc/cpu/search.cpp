@@ -385,8 +385,10 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
   if (xm.rows == 0) {  // nothing to search; the codebooks are still checked (README "Method" §1.5)
     const int64_t K = cm.rows;
     std::vector<double> sq(K);
-    for (int64_t g = 0; g < cm.G; ++g)
-      TORCH_CHECK_VALUE(sum_squares_rows(cm.group(g), 0, K, sq.data()), "codebook contains non-finite values (NaN or Inf)");
+    for (int64_t g = 0; g < cm.G; ++g) {
+      TORCH_CHECK_VALUE(sum_squares_rows(cm.group(g), 0, K, sq.data()),
+                        "codebook contains non-finite values (NaN or Inf)");
+    }
     return;
   }
   using RM = RowMatrix<scalar_t>;

@@ -22,6 +22,11 @@
 // code_stats_kernel: the same groups of 32 rows; per distinct code of a group, the lanes stride over D, sum the
 // code's rows and issue one atomic per feature.
 // key_terms_kernel: a warp per code, lanes over D.
+// The batched form (x [G, N, D] against codebook [G, K, D], README "Method" §1.6) is one launch of each kernel for
+// all groups (up to 65535 groups a launch: more take one launch per 65535): the group is the grid's last axis
+// (search: z, its y being the splits; finalize, code_stats: y), and a block offsets its operands by its group's
+// strides (x, codebook: any group stride; key terms, partials and outputs: [G, ...] contiguous). key_terms_kernel
+// takes the G * K codes as one flat range. A 2-D launch is G = 1.
 // No fast math anywhere (setup.py and the Makefile pass no --use_fast_math): float and double division and
 // sqrt are IEEE correctly rounded, so distances and the values compared are reproducible.
 #include "vq_cuda.h"
@@ -168,6 +173,7 @@ struct SampleArgs {
   const A* rt;
   uint32_t s_code, s_row;
   int clamp;
+  int64_t code0;  // the noise index of the launch's first code: code k of its group g is code code0 + g K + k
 };
 
 constexpr unsigned kFull = 0xffffffffu;
@@ -189,14 +195,16 @@ __device__ __forceinline__ A warp_sum(A v) {
 // stored values: l2: w = -2, o = (A)s (not sqrt(s)^2, which rounds and would break exact ties between equidistant
 // codes); cosine: w = (A)(-1 / max(sqrt(s), eps)), o = 0; dot: w = -1, o = 0. cnorm64 = sqrt(s) (IEEE double
 // sqrt, correctly rounded).
+// Batched: the G * K codes of G groups (group stride sgc), w / o [G * K], cnorm64 group stride lnorm.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
-key_terms_kernel(const T* __restrict__ cb, int64_t K, int64_t D, int64_t ldc, int metric, A* __restrict__ w,
-                 A* __restrict__ o, double* __restrict__ cnorm64) {
+key_terms_kernel(const T* __restrict__ cb, int64_t G, int64_t K, int64_t D, int64_t ldc, int64_t sgc, int metric,
+                 A* __restrict__ w, A* __restrict__ o, double* __restrict__ cnorm64, int64_t lnorm) {
   const int lane = threadIdx.x & 31;
-  const int64_t k = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32;
-  if (k >= K) return;  // warp-uniform
-  const T* cr = cb + k * ldc;
+  const int64_t gk = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32;  // code k of group g: g K + k
+  if (gk >= G * K) return;  // warp-uniform
+  const int64_t g = gk / K, k = gk - g * K;
+  const T* cr = cb + g * sgc + k * ldc;
   double s = 0.0;
   for (int64_t d = lane; d < D; d += 32) {
     const double c = f64(cr[d]);
@@ -205,13 +213,13 @@ key_terms_kernel(const T* __restrict__ cb, int64_t K, int64_t D, int64_t ldc, in
   s = warp_sum(s);
   if (lane != 0) return;
   const double n = sqrt(s);
-  cnorm64[k] = n;
+  cnorm64[g * lnorm + k] = n;
   if (metric == VQK_L2) {
-    w[k] = A(-2); o[k] = static_cast<A>(s);
+    w[gk] = A(-2); o[gk] = static_cast<A>(s);
   } else if (metric == VQK_COSINE) {
-    w[k] = static_cast<A>(-1.0 / fmax(n, num::kCosEps)); o[k] = A(0);
+    w[gk] = static_cast<A>(-1.0 / fmax(n, num::kCosEps)); o[gk] = A(0);
   } else {
-    w[k] = A(-1); o[k] = A(0);
+    w[gk] = A(-1); o[gk] = A(0);
   }
 }
 
@@ -233,11 +241,13 @@ key_terms_kernel(const T* __restrict__ cb, int64_t K, int64_t D, int64_t ldc, in
 // The WMMA path (bf16/fp16 on sm_80+) keeps the layouts load_matrix_sync expects: xs[r][kk], cs[code][kk].
 // TOP: 1 (the fast path's minimum, sampling) or kTopExact (exact mode's candidates). SAMPLE: the sampling
 // epilogue (x are then the codes, cb the input rows, and w, o the input rows' key terms).
+// Batched: grid.z = G; x, cb group strides sgx, sgc; w, o [G, K]; pv, pi [G, splits, N, TOP]; sampling: rs, rt
+// [G, N], and row r of group g (code r of that group) keyed as code0 + g N + r.
 template <typename T, typename A, int BN, int TOP, bool SAMPLE>
 __global__ void __launch_bounds__(kThreads)
 search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __restrict__ w, const A* __restrict__ o,
-              int64_t N, int64_t K, int64_t D, int64_t ldx, int64_t ldc, int64_t codes_per_split, int vec16,
-              SampleArgs<A> sa, A* __restrict__ pv, int32_t* __restrict__ pi) {
+              int64_t N, int64_t K, int64_t D, int64_t ldx, int64_t ldc, int64_t sgx, int64_t sgc,
+              int64_t codes_per_split, int vec16, SampleArgs<A> sa, A* __restrict__ pv, int32_t* __restrict__ pi) {
   constexpr bool kWmma = IsHalf<T>::value && kHasWmma;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte copy
   constexpr int kXStride = kWmma ? kBK : kBK + kVec;      // row tile: + 16 bytes per row on the FMA path
@@ -251,8 +261,13 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
   __shared__ __align__(32) A acc_s[kBM][BN + 4];  // +4: fewer bank conflicts in the row-wise epilogue
 
   const int tid = threadIdx.x;
+  const int64_t grp = blockIdx.z;
   const int64_t row0 = blockIdx.x * static_cast<int64_t>(kBM);
   const int split = blockIdx.y;
+  x += grp * sgx;
+  cb += grp * sgc;
+  w += grp * K;
+  o += grp * K;
   const int64_t k_lo = split * codes_per_split;
   const int64_t k_hi = k_lo + codes_per_split < K ? k_lo + codes_per_split : K;
 
@@ -267,10 +282,10 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
   uint32_t s_qkey = 0;
   if constexpr (SAMPLE) {
     if (row0 + er < N) {
-      s_fac = sa.rs[row0 + er];
-      s_term = sa.rt[row0 + er];
+      s_fac = sa.rs[grp * N + row0 + er];
+      s_term = sa.rt[grp * N + row0 + er];
     }
-    s_qkey = num::index_key(row0 + er, sa.s_code);
+    s_qkey = num::index_key(sa.code0 + grp * N + row0 + er, sa.s_code);
   }
 
   // vec16 (set by the launcher): x, cb, ldx, ldc and D are multiples of 16 bytes, so a 16-byte chunk lies wholly
@@ -426,7 +441,7 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
   for (int p = 0; p < TOP; ++p) push_top<TOP>(ov[p], oi[p], tv, ti);
   const int64_t row = row0 + er;
   if (eh == 0 && row < N) {
-    const int64_t off = (split * N + row) * TOP;
+    const int64_t off = ((grp * gridDim.y + split) * N + row) * TOP;
 #pragma unroll
     for (int p = 0; p < TOP; ++p) {
       pv[off + p] = tv[p];
@@ -436,6 +451,14 @@ search_kernel(const T* __restrict__ x, const T* __restrict__ cb, const A* __rest
 }
 
 // ---- finalize ----------------------------------------------------------------------------------------------------
+// The group of a finalize block (grid.y), read by an opaque instruction at every use: the compiler can neither hoist
+// it nor keep a value derived from it in a register across a call.
+__device__ __forceinline__ int64_t launch_group() {
+  unsigned g;
+  asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(g));
+  return g;
+}
+
 // fp64 distance of row xr to code cr, the whole warp cooperating: lanes stride over D, then warp_sum (every lane
 // returns the same value). The whole warp must call it. Not inlined: as a real call it keeps the finalize
 // kernel's exact variants free of register spills (inlined, ptxas spilled a few loop invariants around it on
@@ -461,20 +484,25 @@ __device__ __noinline__ double rescore64(const T* xr, const T* cr, int64_t D, in
 // A warp per group of 32 consecutive rows (kernel comment at the top). Every value a branch depends on in the
 // per-row phase is either broadcast from the row's lane or a warp_sum, so the branches are warp-uniform and the
 // full-mask shuffles inside are safe. The partials hold TOP = 1 (fast path) or kTopExact (exact) pairs per row.
+// Batched: grid.y = G; x, cb group strides sgx, sgc; cnorm64 [G, K + 1] (each group's max at [K]); pv, pi
+// [G, splits, N, TOP]; codes, dist [G, N]; zq [G, N, D]; counts [G, K].
 template <typename T, typename A, bool exact>
 __global__ void __launch_bounds__(kThreads)
 finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double* __restrict__ cnorm64, int64_t N,
-                int64_t K, int64_t D, int64_t ldx, int64_t ldc, int splits, int metric, double gamma,
-                const A* __restrict__ pv, const int32_t* __restrict__ pi, int64_t* __restrict__ codes,
+                int64_t K, int64_t D, int64_t ldx, int64_t ldc, int64_t sgx, int64_t sgc, int splits, int metric,
+                double gamma, const A* __restrict__ pv, const int32_t* __restrict__ pi, int64_t* __restrict__ codes,
                 A* __restrict__ dist, T* __restrict__ zq, int64_t* __restrict__ counts) {
+  constexpr int TOP = exact ? kTopExact : 1;
   const int lane = threadIdx.x & 31;
   const int64_t base = (blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32) * 32;
   if (base >= N) return;  // warp-uniform
+  // the group's offsets are added where each operand is read or written, from the group index read afresh each
+  // time (launch_group): no per-group pointer lives across the call of rescore64, whose callee-saved registers are
+  // few (the exact variants would spill)
   const int64_t my_row = base + lane;
   const bool valid = my_row < N;
   const int rows = N - base < 32 ? static_cast<int>(N - base) : 32;
 
-  constexpr int TOP = exact ? kTopExact : 1;
   // per-row candidates in, per-row results out: kept in shared memory rather than in registers across the row
   // loop below (fewer values live across it: no spills)
   __shared__ A s_v[kWarps][TOP][32], s_dist[kWarps][32];
@@ -491,7 +519,7 @@ finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double*
     if (valid) {
 #pragma unroll 1
       for (int s = 0; s < splits; ++s) {
-        const int64_t off = (s * N + my_row) * TOP;
+        const int64_t off = ((launch_group() * splits + s) * N + my_row) * TOP;
 #pragma unroll
         for (int p = 0; p < TOP; ++p) push_top<TOP>(pv[off + p], pi[off + p], tv, ti);
       }
@@ -507,7 +535,7 @@ finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double*
     const A rv1 = s_v[wid][0][r];  // broadcast reads
     const int ri1 = s_i[wid][0][r];
     const int64_t row = base + r;
-    const T* xr = x + row * ldx;
+    const T* xr = x + launch_group() * sgx + row * ldx;
     // |x|^2: in the accumulation type for the fast distance, in fp64 for exact mode (which needs only that)
     using X = typename std::conditional<exact, double, A>::type;
     X xsq = X(0);
@@ -532,7 +560,7 @@ finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double*
         dd = rv1;
       }
     } else {
-      const double xn = sqrt(xsq), cmax = cnorm64[K];
+      const double xn = sqrt(xsq), cmax = cnorm64[launch_group() * (K + 1) + K];
       // every code whose fast key may round below the true minimum lies within 2E of the fast minimum
       // (README "Method" §1); when the last kept candidate is inside too, more may hide behind it: re-scan every
       // code in fp64 (increasing k with a strict <: ties to the lowest index), else re-score the candidates
@@ -549,7 +577,8 @@ finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double*
       int64_t bc = scan ? 0 : ri1;
       for (int64_t it = 0; it < n; ++it) {
         const int64_t k = scan ? it : s_i[wid][it][r];
-        const double dk = rescore64(xr, cb + k * ldc, D, metric, xn, cnorm64[k], lane);
+        const double dk = rescore64(xr, cb + launch_group() * sgc + k * ldc, D, metric, xn,
+                                    cnorm64[launch_group() * (K + 1) + k], lane);
         if (dk < bd || (dk == bd && k < bc)) { bd = dk; bc = k; }
       }
       code = bc;
@@ -557,8 +586,8 @@ finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double*
     }
     if (lane == 0) { s_code[wid][r] = code; s_dist[wid][r] = dd; }
     if (zq != nullptr) {
-      const T* cr = cb + code * ldc;
-      T* zr = zq + row * D;
+      const T* cr = cb + launch_group() * sgc + code * ldc;
+      T* zr = zq + (launch_group() * N + row) * D;
       for (int64_t d = lane; d < D; d += 32) zr[d] = cr[d];
     }
   }
@@ -566,15 +595,15 @@ finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double*
   __syncwarp();
   const int64_t my_code = valid ? s_code[wid][lane] : 0;
   if (valid) {
-    codes[my_row] = my_code;
-    dist[my_row] = s_dist[wid][lane];
+    codes[launch_group() * N + my_row] = my_code;
+    dist[launch_group() * N + my_row] = s_dist[wid][lane];
   }
   if (counts != nullptr) {
     const unsigned active = __ballot_sync(kFull, valid);
     if (valid) {
       const unsigned peers = __match_any_sync(active, static_cast<unsigned long long>(my_code));
       if (lane == __ffs(peers) - 1)
-        atomicAdd(reinterpret_cast<unsigned long long*>(counts + my_code),
+        atomicAdd(reinterpret_cast<unsigned long long*>(counts + launch_group() * K + my_code),
                   static_cast<unsigned long long>(__popc(peers)));
     }
   }
@@ -585,13 +614,19 @@ finalize_kernel(const T* __restrict__ x, const T* __restrict__ cb, const double*
 // codes; then for each distinct code (warp-uniform loop over the group leaders) the lanes stride over D, each
 // summing the code's rows of its features in increasing row order and issuing one atomic per feature: one
 // atomic per distinct code of the group and per feature, so full collapse costs N / 32 atomics per feature.
+// Batched: grid.y = G; x group stride sgx; codes [G, N]; sums [G, K, D]; counts [G, K].
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
 code_stats_kernel(const T* __restrict__ x, const int64_t* __restrict__ codes, int64_t N, int64_t D, int64_t ldx,
-                  A* __restrict__ sums, int64_t* __restrict__ counts) {
+                  int64_t sgx, int64_t K, A* __restrict__ sums, int64_t* __restrict__ counts) {
   const int lane = threadIdx.x & 31;
+  const int64_t grp = blockIdx.y;
   const int64_t base = (blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32) * 32;
   if (base >= N) return;  // warp-uniform
+  x += grp * sgx;
+  codes += grp * N;
+  sums += grp * K * D;
+  counts += grp * K;
   const bool valid = base + lane < N;
   const int64_t code = valid ? codes[base + lane] : -1;
   const unsigned active = __ballot_sync(kFull, valid);
@@ -620,179 +655,215 @@ code_stats_kernel(const T* __restrict__ x, const int64_t* __restrict__ codes, in
 }
 
 // ---- dispatch ----------------------------------------------------------------------------------------------------
+constexpr int64_t kMaxGridYZ = 65535;  // the groups of one launch (grid.y / grid.z)
+
+// f(g0, n) for each launch of groups g0 .. g0 + n - 1 (n <= kMaxGridYZ), stopping at the first error.
+template <typename F>
+int per_launch(int64_t G, F&& f) {
+  for (int64_t g0 = 0; g0 < G; g0 += kMaxGridYZ) {
+    const int err = f(g0, G - g0 < kMaxGridYZ ? G - g0 : kMaxGridYZ);
+    if (err != 0) return err;
+  }
+  return 0;
+}
+
 template <typename T, typename A, int BN, int TOP, bool SAMPLE>
-int launch_search(const void* x, const void* cb, const void* w, const void* o, int64_t N, int64_t K, int64_t D,
-                  int64_t ldx, int64_t ldc, int splits, int64_t cps, const SampleArgs<A>& sa, void* pv, int32_t* pi,
-                  cudaStream_t stream) {
+int launch_search(const void* x, const void* cb, const void* w, const void* o, int64_t G, int64_t N, int64_t K,
+                  int64_t D, int64_t ldx, int64_t ldc, int64_t sgx, int64_t sgc, int splits, int64_t cps,
+                  const SampleArgs<A>& sa, void* pv, int32_t* pi, cudaStream_t stream) {
   const int64_t row_blocks = (N + kBM - 1) / kBM;
-  // grid.y holds the splits (at most 65535; binding.cpp clamps), grid.x the row blocks (at most 2^31 - 1)
+  // grid.x the row blocks of a group (at most 2^31 - 1), grid.y the splits (at most 65535; binding.cpp clamps)
   if (splits < 1 || splits > 65535 || row_blocks > 2147483647 || cps < 1) {
     return static_cast<int>(cudaErrorInvalidConfiguration);
   }
-  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
   constexpr int64_t es = static_cast<int64_t>(sizeof(T));
   const bool vec16 = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(cb) % 16 == 0 &&
-                     (ldx * es) % 16 == 0 && (ldc * es) % 16 == 0 && (D * es) % 16 == 0;
-  search_kernel<T, A, BN, TOP, SAMPLE><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(cb), static_cast<const A*>(w), static_cast<const A*>(o), N,
-      K, D, ldx, ldc, cps, vec16 ? 1 : 0, sa, static_cast<A*>(pv), pi);
-  return static_cast<int>(cudaGetLastError());
+                     (ldx * es) % 16 == 0 && (ldc * es) % 16 == 0 && (sgx * es) % 16 == 0 &&
+                     (sgc * es) % 16 == 0 && (D * es) % 16 == 0;
+  return per_launch(G, [&](int64_t g0, int64_t n) {
+    const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits), static_cast<unsigned>(n));
+    SampleArgs<A> sg = sa;
+    if constexpr (SAMPLE) {
+      sg.rs += g0 * N;
+      sg.rt += g0 * N;
+      sg.code0 = g0 * N;
+    }
+    const int64_t part = g0 * splits * N * TOP;
+    search_kernel<T, A, BN, TOP, SAMPLE><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(x) + g0 * sgx, static_cast<const T*>(cb) + g0 * sgc, static_cast<const A*>(w) + g0 * K,
+        static_cast<const A*>(o) + g0 * K, N, K, D, ldx, ldc, sgx, sgc, cps, vec16 ? 1 : 0, sg,
+        static_cast<A*>(pv) + part, pi + part);
+    return static_cast<int>(cudaGetLastError());
+  });
 }
 
 // the search variants of nearest_code / quantize: the fast path's minimum or exact mode's candidate list
 template <typename T, typename A, int BN>
-int launch_search_top(const void* x, const void* cb, const void* w, const void* o, int64_t N, int64_t K, int64_t D,
-                      int64_t ldx, int64_t ldc, int splits, int64_t cps, int top, void* pv, int32_t* pi,
-                      cudaStream_t stream) {
-  const SampleArgs<A> none{nullptr, nullptr, 0u, 0u, 0};
+int launch_search_top(const void* x, const void* cb, const void* w, const void* o, int64_t G, int64_t N, int64_t K,
+                      int64_t D, int64_t ldx, int64_t ldc, int64_t sgx, int64_t sgc, int splits, int64_t cps,
+                      int top, void* pv, int32_t* pi, cudaStream_t stream) {
+  const SampleArgs<A> none{nullptr, nullptr, 0u, 0u, 0, 0};
   if (top == 1) {
-    return launch_search<T, A, BN, 1, false>(x, cb, w, o, N, K, D, ldx, ldc, splits, cps, none, pv, pi, stream);
+    return launch_search<T, A, BN, 1, false>(x, cb, w, o, G, N, K, D, ldx, ldc, sgx, sgc, splits, cps, none, pv, pi,
+                                             stream);
   }
   if (top == kTopExact) {
-    return launch_search<T, A, BN, kTopExact, false>(x, cb, w, o, N, K, D, ldx, ldc, splits, cps, none, pv, pi,
-                                                     stream);
+    return launch_search<T, A, BN, kTopExact, false>(x, cb, w, o, G, N, K, D, ldx, ldc, sgx, sgc, splits, cps, none,
+                                                     pv, pi, stream);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
 template <typename T, typename A>
-int launch_finalize(const void* x, const void* cb, const double* cnorm64, int64_t N, int64_t K, int64_t D,
-                    int64_t ldx, int64_t ldc, int splits, int metric, int exact, double gamma, const void* pv,
-                    const int32_t* pi, int64_t* codes, void* dist, void* zq, int64_t* counts, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
+int launch_finalize(const void* x, const void* cb, const double* cnorm64, int64_t G, int64_t N, int64_t K, int64_t D,
+                    int64_t ldx, int64_t ldc, int64_t sgx, int64_t sgc, int splits, int metric, int exact,
+                    double gamma, const void* pv, const int32_t* pi, int64_t* codes, void* dist, void* zq,
+                    int64_t* counts, cudaStream_t stream) {
+  const int64_t blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (blocks > 2147483647) return static_cast<int>(cudaErrorInvalidConfiguration);
   auto kernel = exact ? finalize_kernel<T, A, true> : finalize_kernel<T, A, false>;
-  kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(cb), cnorm64, N, K, D, ldx,
-                                          ldc, splits, metric, gamma, static_cast<const A*>(pv), pi, codes,
-                                          static_cast<A*>(dist), static_cast<T*>(zq), counts);
+  const int64_t top = exact ? kTopExact : 1;
+  return per_launch(G, [&](int64_t g0, int64_t n) {
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(n));
+    const int64_t part = g0 * splits * N * top;
+    kernel<<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(x) + g0 * sgx, static_cast<const T*>(cb) + g0 * sgc, cnorm64 + g0 * (K + 1), N, K, D,
+        ldx, ldc, sgx, sgc, splits, metric, gamma, static_cast<const A*>(pv) + part, pi + part, codes + g0 * N,
+        static_cast<A*>(dist) + g0 * N, zq != nullptr ? static_cast<T*>(zq) + g0 * N * D : nullptr,
+        counts != nullptr ? counts + g0 * K : nullptr);
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+template <typename T, typename A>
+int launch_key_terms(const void* cb, int64_t G, int64_t K, int64_t D, int64_t ldc, int64_t sgc, int metric, void* w,
+                     void* o, double* cnorm64, int64_t lnorm, cudaStream_t stream) {
+  const int64_t blocks = (G * K + kWarps - 1) / kWarps;  // a warp per code of any group
+  if (blocks > 2147483647) return static_cast<int>(cudaErrorInvalidConfiguration);
+  key_terms_kernel<T, A><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      static_cast<const T*>(cb), G, K, D, ldc, sgc, metric, static_cast<A*>(w), static_cast<A*>(o), cnorm64, lnorm);
   return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T, typename A>
+int launch_code_stats(const void* x, const int64_t* codes, int64_t G, int64_t N, int64_t D, int64_t ldx, int64_t sgx,
+                      int64_t K, void* sums, int64_t* counts, cudaStream_t stream) {
+  const int64_t blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (blocks > 2147483647) return static_cast<int>(cudaErrorInvalidConfiguration);
+  return per_launch(G, [&](int64_t g0, int64_t n) {
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(n));
+    code_stats_kernel<T, A><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x) + g0 * sgx, codes + g0 * N, N, D,
+                                                           ldx, sgx, K, static_cast<A*>(sums) + g0 * K * D,
+                                                           counts + g0 * K);
+    return static_cast<int>(cudaGetLastError());
+  });
 }
 
 }  // namespace
 
-extern "C" int vqk_key_terms(int dtype, const void* cb, int64_t K, int64_t D, int64_t ldc, int metric, void* w,
-                             void* o, double* cnorm64, cudaStream_t stream) {
-  if (K == 0) return 0;
-  const unsigned blocks = static_cast<unsigned>((K + kWarps - 1) / kWarps);  // a warp per code
+extern "C" int vqk_key_terms(int dtype, const void* cb, int64_t G, int64_t K, int64_t D, int64_t ldc, int64_t sgc,
+                             int metric, void* w, void* o, double* cnorm64, int64_t lnorm, cudaStream_t stream) {
+  if (G == 0 || K == 0) return 0;
   switch (dtype) {
     case VQK_F32:
-      key_terms_kernel<float, float><<<blocks, kThreads, 0, stream>>>(
-          static_cast<const float*>(cb), K, D, ldc, metric, static_cast<float*>(w), static_cast<float*>(o), cnorm64);
-      break;
+      return launch_key_terms<float, float>(cb, G, K, D, ldc, sgc, metric, w, o, cnorm64, lnorm, stream);
     case VQK_F64:
-      key_terms_kernel<double, double><<<blocks, kThreads, 0, stream>>>(
-          static_cast<const double*>(cb), K, D, ldc, metric, static_cast<double*>(w), static_cast<double*>(o),
-          cnorm64);
-      break;
+      return launch_key_terms<double, double>(cb, G, K, D, ldc, sgc, metric, w, o, cnorm64, lnorm, stream);
     case VQK_BF16:
-      key_terms_kernel<__nv_bfloat16, float><<<blocks, kThreads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(cb), K, D, ldc, metric, static_cast<float*>(w), static_cast<float*>(o),
-          cnorm64);
-      break;
+      return launch_key_terms<__nv_bfloat16, float>(cb, G, K, D, ldc, sgc, metric, w, o, cnorm64, lnorm, stream);
     case VQK_F16:
-      key_terms_kernel<__half, float><<<blocks, kThreads, 0, stream>>>(
-          static_cast<const __half*>(cb), K, D, ldc, metric, static_cast<float*>(w), static_cast<float*>(o),
-          cnorm64);
-      break;
+      return launch_key_terms<__half, float>(cb, G, K, D, ldc, sgc, metric, w, o, cnorm64, lnorm, stream);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
-  return static_cast<int>(cudaGetLastError());
 }
 
-extern "C" int vqk_search(int dtype, const void* x, const void* cb, const void* w, const void* o, int64_t N,
-                          int64_t K, int64_t D, int64_t ldx, int64_t ldc, int splits, int64_t codes_per_split,
-                          int top, int allow_tf32, void* pv, int32_t* pi, cudaStream_t stream) {
+extern "C" int vqk_search(int dtype, const void* x, const void* cb, const void* w, const void* o, int64_t G,
+                          int64_t N, int64_t K, int64_t D, int64_t ldx, int64_t ldc, int64_t sgx, int64_t sgc,
+                          int splits, int64_t codes_per_split, int top, int allow_tf32, void* pv, int32_t* pi,
+                          cudaStream_t stream) {
   (void)allow_tf32;  // fp32 runs as IEEE fp32 on the FMA path
-  if (N == 0) return 0;
+  if (G == 0 || N == 0) return 0;
   switch (dtype) {
     case VQK_F32:
-      return launch_search_top<float, float, 64>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split, top, pv,
-                                                 pi, stream);
+      return launch_search_top<float, float, 64>(x, cb, w, o, G, N, K, D, ldx, ldc, sgx, sgc, splits, codes_per_split,
+                                                 top, pv, pi, stream);
     case VQK_F64:  // a 64 x 32 block keeps the fp64 shared tiles under the 48 KiB static limit
-      return launch_search_top<double, double, 32>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split, top,
-                                                   pv, pi, stream);
+      return launch_search_top<double, double, 32>(x, cb, w, o, G, N, K, D, ldx, ldc, sgx, sgc, splits,
+                                                   codes_per_split, top, pv, pi, stream);
     case VQK_BF16:
-      return launch_search_top<__nv_bfloat16, float, 64>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split,
-                                                         top, pv, pi, stream);
+      return launch_search_top<__nv_bfloat16, float, 64>(x, cb, w, o, G, N, K, D, ldx, ldc, sgx, sgc, splits,
+                                                         codes_per_split, top, pv, pi, stream);
     case VQK_F16:
-      return launch_search_top<__half, float, 64>(x, cb, w, o, N, K, D, ldx, ldc, splits, codes_per_split, top, pv,
-                                                  pi, stream);
+      return launch_search_top<__half, float, 64>(x, cb, w, o, G, N, K, D, ldx, ldc, sgx, sgc, splits,
+                                                  codes_per_split, top, pv, pi, stream);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
 }
 
 extern "C" int vqk_sample_search(int dtype, const void* codes_in, const void* rows_in, const void* w, const void* o,
-                                 const void* rs, const void* rt, int64_t K, int64_t N, int64_t D, int64_t ldk,
-                                 int64_t ldn, int splits, int64_t rows_per_split, uint32_t s_code, uint32_t s_row,
-                                 int clamp, void* pv, int32_t* pi, cudaStream_t stream) {
-  if (K == 0) return 0;
+                                 const void* rs, const void* rt, int64_t G, int64_t K, int64_t N, int64_t D,
+                                 int64_t ldk, int64_t ldn, int64_t sgk, int64_t sgn, int splits,
+                                 int64_t rows_per_split, uint32_t s_code, uint32_t s_row, int clamp, void* pv,
+                                 int32_t* pi, cudaStream_t stream) {
+  if (G == 0 || K == 0) return 0;
   // the search's rows are the codes and its "codes" the input rows (vq_cuda.h)
   switch (dtype) {
     case VQK_F32: {
-      const SampleArgs<float> sa{static_cast<const float*>(rs), static_cast<const float*>(rt), s_code, s_row, clamp};
-      return launch_search<float, float, 64, 1, true>(codes_in, rows_in, w, o, K, N, D, ldk, ldn, splits,
+      const SampleArgs<float> sa{static_cast<const float*>(rs), static_cast<const float*>(rt), s_code, s_row, clamp,
+                                 0};
+      return launch_search<float, float, 64, 1, true>(codes_in, rows_in, w, o, G, K, N, D, ldk, ldn, sgk, sgn, splits,
                                                       rows_per_split, sa, pv, pi, stream);
     }
     case VQK_F64: {
       const SampleArgs<double> sa{static_cast<const double*>(rs), static_cast<const double*>(rt), s_code, s_row,
-                                  clamp};
-      return launch_search<double, double, 32, 1, true>(codes_in, rows_in, w, o, K, N, D, ldk, ldn, splits,
-                                                        rows_per_split, sa, pv, pi, stream);
+                                  clamp, 0};
+      return launch_search<double, double, 32, 1, true>(codes_in, rows_in, w, o, G, K, N, D, ldk, ldn, sgk, sgn,
+                                                        splits, rows_per_split, sa, pv, pi, stream);
     }
     default:  // bf16 / fp16 are upcast by the caller: their products are exact in fp32
       return static_cast<int>(cudaErrorInvalidValue);
   }
 }
 
-extern "C" int vqk_finalize(int dtype, const void* x, const void* cb, const double* cnorm64, int64_t N, int64_t K,
-                            int64_t D, int64_t ldx, int64_t ldc, int splits, int metric, int exact, const void* pv,
-                            const int32_t* pi, int64_t* codes, void* dist, void* zq, int64_t* counts,
-                            cudaStream_t stream) {
-  if (N == 0) return 0;
+extern "C" int vqk_finalize(int dtype, const void* x, const void* cb, const double* cnorm64, int64_t G, int64_t N,
+                            int64_t K, int64_t D, int64_t ldx, int64_t ldc, int64_t sgx, int64_t sgc, int splits,
+                            int metric, int exact, const void* pv, const int32_t* pi, int64_t* codes, void* dist,
+                            void* zq, int64_t* counts, cudaStream_t stream) {
+  if (G == 0 || N == 0) return 0;
   const double gamma = num::exact_gamma(D, dtype == VQK_F64);
   switch (dtype) {
     case VQK_F32:
-      return launch_finalize<float, float>(x, cb, cnorm64, N, K, D, ldx, ldc, splits, metric, exact, gamma, pv, pi,
-                                           codes, dist, zq, counts, stream);
+      return launch_finalize<float, float>(x, cb, cnorm64, G, N, K, D, ldx, ldc, sgx, sgc, splits, metric, exact,
+                                           gamma, pv, pi, codes, dist, zq, counts, stream);
     case VQK_F64:
-      return launch_finalize<double, double>(x, cb, cnorm64, N, K, D, ldx, ldc, splits, metric, exact, gamma, pv,
-                                             pi, codes, dist, zq, counts, stream);
+      return launch_finalize<double, double>(x, cb, cnorm64, G, N, K, D, ldx, ldc, sgx, sgc, splits, metric, exact,
+                                             gamma, pv, pi, codes, dist, zq, counts, stream);
     case VQK_BF16:
-      return launch_finalize<__nv_bfloat16, float>(x, cb, cnorm64, N, K, D, ldx, ldc, splits, metric, exact, gamma,
-                                                   pv, pi, codes, dist, zq, counts, stream);
+      return launch_finalize<__nv_bfloat16, float>(x, cb, cnorm64, G, N, K, D, ldx, ldc, sgx, sgc, splits, metric,
+                                                   exact, gamma, pv, pi, codes, dist, zq, counts, stream);
     case VQK_F16:
-      return launch_finalize<__half, float>(x, cb, cnorm64, N, K, D, ldx, ldc, splits, metric, exact, gamma, pv, pi,
-                                            codes, dist, zq, counts, stream);
+      return launch_finalize<__half, float>(x, cb, cnorm64, G, N, K, D, ldx, ldc, sgx, sgc, splits, metric, exact,
+                                            gamma, pv, pi, codes, dist, zq, counts, stream);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
 }
 
-extern "C" int vqk_code_stats(int dtype, const void* x, const int64_t* codes, int64_t N, int64_t D, int64_t ldx,
-                              int64_t K, void* sums, int64_t* counts, cudaStream_t stream) {
-  (void)K;
-  if (N == 0) return 0;
-  const unsigned blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
+extern "C" int vqk_code_stats(int dtype, const void* x, const int64_t* codes, int64_t G, int64_t N, int64_t D,
+                              int64_t ldx, int64_t sgx, int64_t K, void* sums, int64_t* counts, cudaStream_t stream) {
+  if (G == 0 || N == 0) return 0;
   switch (dtype) {
     case VQK_F32:
-      code_stats_kernel<float, float><<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(x), codes, N, D,
-                                                                        ldx, static_cast<float*>(sums), counts);
-      break;
+      return launch_code_stats<float, float>(x, codes, G, N, D, ldx, sgx, K, sums, counts, stream);
     case VQK_F64:
-      code_stats_kernel<double, double><<<blocks, kThreads, 0, stream>>>(static_cast<const double*>(x), codes, N,
-                                                                          D, ldx, static_cast<double*>(sums), counts);
-      break;
+      return launch_code_stats<double, double>(x, codes, G, N, D, ldx, sgx, K, sums, counts, stream);
     case VQK_BF16:
-      code_stats_kernel<__nv_bfloat16, float><<<blocks, kThreads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(x), codes, N, D, ldx, static_cast<float*>(sums), counts);
-      break;
+      return launch_code_stats<__nv_bfloat16, float>(x, codes, G, N, D, ldx, sgx, K, sums, counts, stream);
     case VQK_F16:
-      code_stats_kernel<__half, float><<<blocks, kThreads, 0, stream>>>(static_cast<const __half*>(x), codes, N, D,
-                                                                         ldx, static_cast<float*>(sums), counts);
-      break;
+      return launch_code_stats<__half, float>(x, codes, G, N, D, ldx, sgx, K, sums, counts, stream);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
-  return static_cast<int>(cudaGetLastError());
 }
