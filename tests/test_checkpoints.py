@@ -47,18 +47,8 @@ CONFIGS = {
         ],
     ),
     "group": (
-        # TODO(batched): the default backend once the cpu kernels take the batched form
         lambda **kw: GroupVectorQuant(
-            8,
-            16,
-            groups=2,
-            share=False,
-            dim=-1,
-            replace_freq=3,
-            kmeans_init=True,
-            kmeans_iters=2,
-            backend="torch",
-            **kw,
+            8, 16, groups=2, share=False, dim=-1, replace_freq=3, kmeans_init=True, kmeans_iters=2, **kw
         ),
         ["codebook.weight", "data_initialized", "lru_counters"],
     ),
@@ -87,17 +77,8 @@ CONFIGS = {
         ],
     ),
     "group_expiry": (
-        # TODO(batched): the default backend once the cpu kernels take the batched form
         lambda **kw: GroupVectorQuant(
-            8,
-            16,
-            groups=2,
-            share=False,
-            dim=-1,
-            threshold_ema_dead_code=1.0,
-            rotation_trick=True,
-            backend="torch",
-            **kw,
+            8, 16, groups=2, share=False, dim=-1, threshold_ema_dead_code=1.0, rotation_trick=True, **kw
         ),
         ["cluster_size", "codebook.weight", "embed_avg"],
     ),

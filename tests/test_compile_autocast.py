@@ -12,8 +12,7 @@ LAYERS = {
     "vq-affine-sync": lambda: VectorQuant(8, 32, dim=-1, sync_nu=0.5, affine_lr=2.0),
     "vq-cosine-norms": lambda: VectorQuant(8, 32, dim=1, metric="cosine", norm="l2", cb_norm="l2"),
     "group-shared": lambda: GroupVectorQuant(8, 32, groups=2, share=True, dim=-1),
-    # TODO(batched): the default backend once the cpu kernels take the batched form
-    "group-separate": lambda: GroupVectorQuant(8, 32, groups=2, share=False, dim=-1, backend="torch"),
+    "group-separate": lambda: GroupVectorQuant(8, 32, groups=2, share=False, dim=-1),
     "residual": lambda: ResidualVectorQuant(8, 32, groups=2, dim=-1),
     "cvq-eval": lambda: VectorQuantiser(32, 8, beta=0.25).eval(),
     # the gradient-side codebook rules trace with the rest (no data-dependent shapes, no eager update)
@@ -27,17 +26,8 @@ LAYERS = {
         orthogonal_reg_active_codes_only=True,
         codebook_dim=4,
     ),
-    # TODO(batched): the default backend once the cpu kernels take the batched form
     "group-separate-rules": lambda: GroupVectorQuant(
-        8,
-        32,
-        groups=2,
-        share=False,
-        dim=-1,
-        backend="torch",
-        rotation_trick=True,
-        orthogonal_reg_weight=0.1,
-        codebook_dim=3,
+        8, 32, groups=2, share=False, dim=-1, rotation_trick=True, orthogonal_reg_weight=0.1, codebook_dim=3
     ),
     "residual-rules": lambda: ResidualVectorQuant(
         8, 32, groups=2, share=False, dim=-1, rotation_trick=True, orthogonal_reg_weight=0.1, codebook_dim=4
@@ -118,8 +108,7 @@ def test_ema_expiry_and_sampling_break_the_graph_only_at_the_updates(kind):
         torch.manual_seed(0)
         if kind == "vq":
             return VectorQuant(8, 16, dim=-1, **opts)
-        # TODO(batched): the default backend once the cpu kernels take the batched form
-        return GroupVectorQuant(8, 16, groups=2, share=False, dim=-1, backend="torch", **opts)
+        return GroupVectorQuant(8, 16, groups=2, share=False, dim=-1, **opts)
 
     eager, compiled = make(), make()
     step = torch.compile(lambda x: _loss(compiled, x))

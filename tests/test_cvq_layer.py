@@ -146,8 +146,7 @@ def test_anchors_in_eval_mode_and_empty_batch_do_nothing():
 def test_group_vector_quant_separate_blocks_get_their_own_anchors():
     torch.manual_seed(0)
     g, k, n = 2, 8, 30
-    # TODO(batched): the default backend once the cpu kernels take the batched form
-    vq = GroupVectorQuant(6, k, groups=g, share=False, dim=-1, anchor="closest", backend="torch").double()
+    vq = GroupVectorQuant(6, k, groups=g, share=False, dim=-1, anchor="closest").double()
     x = _x(n, 6)
     c0 = vq.codebook.weight.detach().clone()
     _, out = vq(x)

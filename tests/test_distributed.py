@@ -32,8 +32,7 @@ def _make(kind: str, anchor: str | None, **kw):
     torch.manual_seed(0)
     common = dict(dim=-1, kmeans_init=True, kmeans_iters=3, anchor=anchor, **kw)
     if kind == "group":
-        # TODO(batched): the default backend once the cpu kernels take the batched form
-        return GroupVectorQuant(8, 16, groups=2, share=False, replace_freq=2, backend="torch", **common)
+        return GroupVectorQuant(8, 16, groups=2, share=False, replace_freq=2, **common)
     return VectorQuant(8, 16, replace_freq=2, affine_mode="running", **common)
 
 

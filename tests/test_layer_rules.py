@@ -20,8 +20,7 @@ D, K, G = 6, 8, 2  # features, codes, groups / stages
 LAYERS = {
     "vq": (lambda **kw: VectorQuant(D, K, dim=-1, **kw), 1),
     "group-shared": (lambda **kw: GroupVectorQuant(D, K, groups=G, share=True, dim=-1, **kw), 1),
-    # TODO(batched): the default backend once the cpu kernels take the batched form
-    "group-separate": (lambda **kw: GroupVectorQuant(D, K, groups=G, share=False, dim=-1, backend="torch", **kw), G),
+    "group-separate": (lambda **kw: GroupVectorQuant(D, K, groups=G, share=False, dim=-1, **kw), G),
     "residual": (lambda **kw: ResidualVectorQuant(D, K, groups=G, share=False, dim=-1, **kw), G),
     "cvq": (lambda **kw: VectorQuantiser(K, D, distance="l2", anchor=None, **kw), 1),
 }
@@ -466,7 +465,6 @@ def test_group_separate_is_one_batched_search_equal_to_one_search_per_group(monk
     """Codes, z_q, loss and gradients against one search per group computed here in fp64, with affine and the
     synchronised update on; the batched op is called once, on a view of the input (no copy)."""
     beta, nu, lr = 0.7, 0.3, 2.0
-    # TODO(batched): the default backend once the cpu kernels take the batched form
     layer = _make("group-separate", beta=beta, sync_nu=nu, affine_lr=lr, affine_groups=G)
     with torch.no_grad():
         layer.affine_transform.scale.normal_(std=0.2)

@@ -380,8 +380,7 @@ def test_bad_forward_input():
 @pytest.mark.parametrize("share", [True, False])
 def test_group_vector_quant(share):
     torch.manual_seed(0)
-    # TODO(batched): the default backend once the cpu kernels take the batched form (share=False)
-    vq = GroupVectorQuant(12, 8, groups=4, share=share, dim=-1, backend="auto" if share else "torch").double()
+    vq = GroupVectorQuant(12, 8, groups=4, share=share, dim=-1, backend="auto").double()
     x = _x(25, 12)
     z_q, out = vq(x)
     cb = vq.codebook.weight.detach()

@@ -49,7 +49,7 @@ ANCHORS = anchors.ANCHORS
 METRICS = ("l2", "cosine")
 # TODO(batched): the backends whose ops take the batched form (x [G, N, D], codebook [G, K, D]); every backend
 # once the cpu, triton and cuda kernels of it land, and the per-group loop of _search_batched goes.
-BATCHED_BACKENDS = ("torch",)
+BATCHED_BACKENDS = ("torch", "cpu", "cuda")
 
 
 class VQBase(CodebookMixin, nn.Module):
