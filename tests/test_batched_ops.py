@@ -416,6 +416,30 @@ def test_torch_compile_fullgraph_batched_quantize(bd):
 
 
 @pytest.mark.skipif(not HAS_CPU_OP, reason="C++ extension not built")
+def test_cpp_ops_check_batched_arguments():
+    """The C++ ops check the batched form themselves (called directly, past vqkernels.ops): errors name the
+    argument."""
+    ops = torch.ops.vqkernels
+    x, cb = torch.randn(2, 5, 4), torch.randn(2, 6, 4)
+    with pytest.raises(ValueError, match="must both be 2-D or both batched 3-D"):
+        ops.nearest_code(x, cb[0], "l2", False)
+    with pytest.raises(ValueError, match="same number of groups G"):
+        ops.quantize(x, torch.randn(3, 6, 4), "l2", False)
+    with pytest.raises(ValueError, match="codebook must be a 2-D tensor .* or a batched 3-D"):
+        ops.sample_code(x, cb[None], "l2", 0)
+    with pytest.raises(ValueError, match="at least one code"):
+        ops.nearest_code(x, cb[:, :0], "l2", False)
+    with pytest.raises(ValueError, match="at least one row"):
+        ops.sample_code(x[:, :0], cb, "l2", 0)
+    with pytest.raises(ValueError, match=r"codes must have shape \[G, N\]"):
+        ops.code_stats(x, torch.zeros(5, dtype=torch.int64), 6)
+    codes = torch.zeros(2, 5, dtype=torch.int64)
+    codes[1, 2] = 6
+    with pytest.raises(ValueError, match=r"codes\[1, 2\] = 6"):
+        ops.code_stats(x, codes, 6)
+
+
+@pytest.mark.skipif(not HAS_CPU_OP, reason="C++ extension not built")
 def test_cpu_batched_does_not_depend_on_the_thread_count():
     """The task grid (block size, code splits, which task computes the key terms) follows the thread count and the
     groups; the answer must not."""
