@@ -23,8 +23,8 @@ import vqkernels as vq
 from vqkernels import reference
 from vqkernels.numerics import gumbel_noise, seed_to_schema, split_seed
 
-# Triton's batched kernels are being added separately; this filter is widened to BACKEND_DEVICES when they land.
-BATCHED_BACKENDS = [p for p in BACKEND_DEVICES if p.values[0][0] != "triton"]
+
+BATCHED_BACKENDS = BACKEND_DEVICES
 HAS_CPU_OP = ("cpu", "cpu") in backend_devices()
 
 # (G, N, K, D): one row against many codes (few-rows kernels, code splits), many rows (tiles, partial blocks), odd D
@@ -413,6 +413,30 @@ def test_torch_compile_fullgraph_batched_quantize(bd):
     assert torch.equal(codes1, codes2) and torch.equal(counts1, counts2)
     torch.testing.assert_close(loss1, loss2)
     torch.testing.assert_close(cb1.grad, cb2.grad)
+
+
+@pytest.mark.skipif(not HAS_CPU_OP, reason="C++ extension not built")
+def test_cpp_ops_check_batched_arguments():
+    """The C++ ops check the batched form themselves (called directly, past vqkernels.ops): errors name the
+    argument."""
+    ops = torch.ops.vqkernels
+    x, cb = torch.randn(2, 5, 4), torch.randn(2, 6, 4)
+    with pytest.raises(ValueError, match="must both be 2-D or both batched 3-D"):
+        ops.nearest_code(x, cb[0], "l2", False)
+    with pytest.raises(ValueError, match="same number of groups G"):
+        ops.quantize(x, torch.randn(3, 6, 4), "l2", False)
+    with pytest.raises(ValueError, match="codebook must be a 2-D tensor .* or a batched 3-D"):
+        ops.sample_code(x, cb[None], "l2", 0)
+    with pytest.raises(ValueError, match="at least one code"):
+        ops.nearest_code(x, cb[:, :0], "l2", False)
+    with pytest.raises(ValueError, match="at least one row"):
+        ops.sample_code(x[:, :0], cb, "l2", 0)
+    with pytest.raises(ValueError, match=r"codes must have shape \[G, N\]"):
+        ops.code_stats(x, torch.zeros(5, dtype=torch.int64), 6)
+    codes = torch.zeros(2, 5, dtype=torch.int64)
+    codes[1, 2] = 6
+    with pytest.raises(ValueError, match=r"codes\[1, 2\] = 6"):
+        ops.code_stats(x, codes, 6)
 
 
 @pytest.mark.skipif(not HAS_CPU_OP, reason="C++ extension not built")

@@ -69,18 +69,30 @@ def test_the_matrix_reaches_every_kernel_and_every_design_choice(full_check):
     from vqkernels.triton import kernels
 
     variants = full_check["variants"]
-    launched = {(v["kernel"], v["layout"] or "-", v["arch"]) for v in variants}
+    launched = {(v["kernel"], v["layout"] or "-", v["arch"], v["constexprs"]["GROUPED"]) for v in variants}
     for obj in vars(kernels).values():
         if isinstance(obj, JITFunction) and obj.fn.__name__.endswith("_kernel"):
             layout = getattr(obj, "vqk_layout", "-")
             for arch in (80, 90):
-                assert (obj.fn.__name__, layout, arch) in launched, (obj.fn.__name__, layout, arch)
+                for grouped in ("False", "True"):  # the 2-D form and the batched form
+                    assert (obj.fn.__name__, layout, arch, grouped) in launched, (obj.fn.__name__, layout, arch)
     search = [v for v in variants if v["kernel"] == "search_kernel" and v["arch"] == 90]
     for dtype in ("fp16", "bf16", "fp32", "fp64"):
-        mine = [v["constexprs"] for v in search if v["dtype"] == dtype]
-        assert {c["TP"] for c in mine} == {"1", "4"}, dtype  # fast and exact
-        assert {c["ONE_D"] for c in mine} == {"True", "False"}, dtype  # row tile once, runtime feature loop
-        assert {c["BD"] for c in mine} >= {"16"}, dtype  # the D <= 16 tier
+        for grouped in ("False", "True"):
+            mine = [v["constexprs"] for v in search if v["dtype"] == dtype and v["constexprs"]["GROUPED"] == grouped]
+            assert {c["TP"] for c in mine} == {"1", "4"}, dtype  # fast and exact
+            assert {c["ONE_D"] for c in mine} == {"True", "False"}, dtype  # row tile once, runtime feature loop
+            assert {c["BD"] for c in mine} >= {"16"}, dtype  # the D <= 16 tier
+    # the batched form compiles every tile the 2-D form does (GROUPED aside, same constexprs and layout)
+    tiles = {
+        grouped: {
+            (v["dtype"], v["layout"], json.dumps({k: c for k, c in v["constexprs"].items() if k != "GROUPED"}))
+            for v in search
+            if v["constexprs"]["GROUPED"] == grouped
+        }
+        for grouped in ("False", "True")
+    }
+    assert tiles["True"] == tiles["False"], tiles["False"] ^ tiles["True"]
     assert any(v["constexprs"]["PRECISION"] == "tf32" for v in search)
     assert {v["dtype"] for v in search if v["constexprs"]["SAMPLE"] == "True"} == {"fp32", "fp64"}
     # the launch matrix: ints equal to 1, seeds 0/1/2^32-1 aside, D from 1 to 4096, split-K forced and chosen,
@@ -93,8 +105,9 @@ def test_the_matrix_reaches_every_kernel_and_every_design_choice(full_check):
     assert min(c.d for c in cases) == 1 and max(c.d for c in cases) >= 4096
     assert any(c.split is None and c.k >= 4096 and c.n == 1 for c in cases) and any(c.split for c in cases)
     assert {c.candidates for c in cases if c.exact} == {1, 2, 3, 4}
-    assert {c.layout for c in cases} == {"contiguous", "row-strided", "column-major"}
+    assert {c.layout for c in cases} == {"contiguous", "row-strided", "column-major", "head-split"}
     assert {c.op for c in cases} == {"search", "quantize", "code_stats", "sample"}
+    assert {c.op for c in cases if c.groups > 1} == {"search", "quantize", "code_stats", "sample"}
 
 
 def test_variant_count_does_not_grow_with_shapes(full_check):

@@ -43,13 +43,10 @@ from .rotation import rotation_trick as rotation_estimator
 from .sampling import sample_codes
 from .segments import SearchResult, Segment
 
-__all__ = ["VQBase", "Segment", "SearchResult", "move_features_last", "BATCHED_BACKENDS"]
+__all__ = ["VQBase", "Segment", "SearchResult", "move_features_last"]
 
 ANCHORS = anchors.ANCHORS
 METRICS = ("l2", "cosine")
-# TODO(batched): the backends whose ops take the batched form (x [G, N, D], codebook [G, K, D]); every backend
-# once the cpu, triton and cuda kernels of it land, and the per-group loop of _search_batched goes.
-BATCHED_BACKENDS = ("torch", "cpu", "cuda")
 
 
 class VQBase(CodebookMixin, nn.Module):
@@ -266,22 +263,11 @@ class VQBase(CodebookMixin, nn.Module):
         kg = cb.shape[0] // g
         blocks = cb.to(xb.dtype).reshape(g, kg, cb.shape[1])
         xd = xb.detach()
-        # TODO(batched): every backend takes the batched form once the cpu, triton and cuda kernels land; until
-        # then the others run one search per group
-        batched = ops.resolve_backend(self.backend, xb.device) in BATCHED_BACKENDS
         alternating = self._alternating_active()
         if not (alternating or self._sampling_active()):
-            if batched:
-                q = ops.quantize(xd, blocks, metric=self.metric, backend=self.backend)
-                return SearchResult(q.codes, q.z_q, q.dist, q.counts)
-            parts = [ops.quantize(xd[i], blocks[i], metric=self.metric, backend=self.backend) for i in range(g)]
-            return SearchResult(*(torch.stack(t) for t in zip(*parts)))
-        if batched:
-            codes, dist, counts = self._choose_codes(xd, blocks.detach())
-        else:
-            codes, dist, counts = (
-                torch.stack(t) for t in zip(*(self._choose_codes(xd[i], blocks[i].detach()) for i in range(g)))
-            )
+            q = ops.quantize(xd, blocks, metric=self.metric, backend=self.backend)
+            return SearchResult(q.codes, q.z_q, q.dist, q.counts)
+        codes, dist, counts = self._choose_codes(xd, blocks.detach())
         if alternating:
             z_q = []
             for i in range(g):

@@ -298,6 +298,9 @@ METRICS = ("l2", "cosine", "dot")
 # tile), 20 / 33 (once, not a multiple of 16), 100 / 257 (runtime feature loop, masked tail), 1024 / 4096 (wide)
 FULL_D = (1, 3, 16, 20, 32, 33, 64, 100, 257, 1024, 4096)
 QUICK_D = (1, 33, 64, 257)
+# the batched form: each tile tier of every dtype class (row tile once / looped, aligned / not: kernels' BD is 16
+# for D <= 16, else 64 / 32 / 16 for half / fp32 / fp64)
+BATCHED_D = (3, 16, 20, 32, 33, 64, 257, 1024)
 
 
 @dataclass(frozen=True)
@@ -311,12 +314,16 @@ class Case:
     exact: bool = False
     candidates: int = 2
     tf32: bool = False
-    layout: str = "contiguous"  # or "row-strided" (rows of a wider tensor), "column-major" (made contiguous)
+    layout: str = "contiguous"  # or "row-strided" (rows of a wider tensor), "column-major" (made contiguous),
+    # "head-split" (batched: x a [G, N, D] view of an [N, G D] tensor, as the layers split heads)
+    groups: int = 0  # 0: the 2-D form; G >= 1: the batched form (x [G, N, D], codebook [G, K, D])
     split: int | None = None  # VQK_TRITON_SPLIT; None = the launcher's choice
     seed: int = 12345
 
     def label(self) -> str:
         bits = [self.op, self.dtype, self.metric, f"N{self.n}", f"K{self.k}", f"D{self.d}"]
+        if self.groups:
+            bits.insert(3, f"G{self.groups}")
         if self.exact:
             bits.append(f"exact{self.candidates}")
         if self.tf32:
@@ -366,6 +373,23 @@ def cases(quick: bool = False) -> list[Case]:
                 out.append(Case("code_stats", dtype, "l2", d, layout=layout))
                 if dtype in ("float32", "float64"):
                     out.append(Case("sample", dtype, "dot", d, layout=layout))
+        # the batched form (GROUPED variants: the group on grid axis 2): every tile tier, row tile once or looped,
+        # aligned or not, as the head split the layers use (row stride G D, group stride D), a contiguous
+        # [G, N, D], split-K chosen and forced
+        for d in BATCHED_D:
+            out.append(Case("quantize", dtype, "cosine", d, n=7, groups=3, layout="head-split"))
+            out.append(Case("quantize", dtype, "l2", d, n=7, groups=3, exact=True, layout="head-split"))
+            out.append(Case("code_stats", dtype, "l2", d, n=7, groups=3, layout="head-split"))
+            if dtype in ("float32", "float64"):
+                out.append(Case("sample", dtype, "dot", d, n=7, groups=3, layout="head-split"))
+            if dtype == "float32":
+                out.append(Case("search", dtype, "l2", d, n=7, groups=3, tf32=True, layout="head-split"))
+        out.append(Case("search", dtype, "dot", 64, n=7, groups=3))
+        out.append(Case("code_stats", dtype, "l2", 64, n=7, groups=3))
+        out.append(Case("search", dtype, "l2", 64, n=1, k=4096, groups=2))
+        out.append(Case("quantize", dtype, "l2", 257, n=1, k=4096, groups=2, exact=True, split=3))
+        if dtype in ("float32", "float64"):
+            out.append(Case("sample", dtype, "l2", 64, n=700, k=3, groups=2, split=2, layout="head-split"))
     return out
 
 
@@ -400,9 +424,13 @@ def launch(case: Case) -> None:
 
     dtype = getattr(torch, case.dtype)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(case.n, case.d, generator=g).to(dtype)
-    cb = torch.randn(case.k, case.d, generator=g).to(dtype)
-    if case.layout == "row-strided":
+    lead = (case.groups,) if case.groups else ()
+    x = torch.randn(*lead, case.n, case.d, generator=g).to(dtype)
+    cb = torch.randn(*lead, case.k, case.d, generator=g).to(dtype)
+    if case.layout == "head-split":
+        x = torch.randn(case.n, case.groups * case.d, generator=g).to(dtype).view(case.n, case.groups, case.d)
+        x = x.transpose(0, 1)
+    elif case.layout == "row-strided":
         x = torch.randn(case.n, case.d + 3, generator=g).to(dtype)[:, 1 : case.d + 1]
         cb = torch.randn(case.k, case.d + 5, generator=g).to(dtype)[:, 2 : case.d + 2]
     elif case.layout == "column-major":
@@ -413,7 +441,7 @@ def launch(case: Case) -> None:
         elif case.op == "quantize":
             ops.quantize_triton(x, cb, case.metric, case.exact)
         elif case.op == "code_stats":
-            ops.code_stats_triton(x, torch.randint(0, case.k, (case.n,), generator=g), case.k)
+            ops.code_stats_triton(x, torch.randint(0, case.k, (*lead, case.n), generator=g), case.k)
         elif case.op == "sample":
             from ..numerics import join_seed, seed_to_schema
 
@@ -467,7 +495,7 @@ def check(archs=(80, 90), quick: bool = False, progress: bool = True) -> list[Va
 # ---------------------------------------------------------------------------------------------------------------
 # Report.
 # ---------------------------------------------------------------------------------------------------------------
-_SHOWN = ("T", "TP", "EXACT", "SAMPLE", "PRECISION", "ACC_FP64", "ONE_D", "BM", "BN", "BD", "BK", "BR")
+_SHOWN = ("T", "TP", "EXACT", "SAMPLE", "PRECISION", "ACC_FP64", "ONE_D", "GROUPED", "BM", "BN", "BD", "BK", "BR")
 
 
 def _tile(v: Variant) -> str:

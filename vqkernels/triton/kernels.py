@@ -14,6 +14,15 @@
   first (an equality matrix times the rows), so each block issues one atomic per *distinct* code: full collapse
   costs N / BR atomics per element instead of N.
 
+Batched form (x ``[G, N, D]``, codebook ``[G, K, D]``, group g searching only its own codebook): one launch per
+kernel serves all groups, the group on grid axis 2 (:func:`_group`; the launchers split batches of more than 65535
+groups). A program moves its base pointers to its group once and reads the inputs in place through their group
+and row strides (a head split ``x.view(N, G, D).transpose(0, 1)`` has group stride D, row stride G D). The
+outputs are contiguous ``[G, N]`` / ``[G, N, D]`` / ``[G, K]``, the partials ``[G, S, N, TP]``, and the per-code
+and per-row scratch (key terms, norms, flags) ``[G, pad16(K or N)]``, so each group's slice starts aligned. The
+group arithmetic is compiled only into the ``GROUPED`` variants: a 2-D launch (or G = 1) compiles the code the 2-D
+form always had.
+
 Argmin key of code k for row x: ``fma(x . c_k, w_k, o_k)`` with (w, o) = (-2, sum_d c_kd^2) for l2,
 (-1 / max(|c_k|, eps), 0) for cosine and (-1, 0) for dot (``vqkernels.numerics.key_terms``, the one definition
 every backend uses); the per-row term of the distance is added back at the end.
@@ -60,6 +69,27 @@ def _rows64(idx, stride):
     """Element offset of row ``idx`` (int64: N x D may pass 2^31). Inside hot loops the kernels write it out:
     the interpreter pays for every device-function call."""
     return tl.cast(idx, tl.int64) * stride  # tl.cast: idx may be a Python int (loop counters, interpreter)
+
+
+@triton.jit
+def _group(GROUPED: tl.constexpr):
+    """``(g, g as int64)``: this program's group, grid axis 2, in a batched launch (``GROUPED``); else the
+    constant 0, so that every group offset folds away and a 2-D launch compiles the code it did before the
+    batched form (the group arithmetic's few live registers pushed some 2-D tiles from 128 registers to up to
+    176 in the compile check: an occupancy step)."""
+    if GROUPED:
+        g = tl.program_id(2)
+    else:
+        g = tl.full([], 0, tl.int32)
+    return g, g.to(tl.int64)
+
+
+@triton.jit
+def _pad16(n):
+    """Group stride of the per-row / per-code scratch the launchers allocate (``ops._pad16``): n rounded up to a
+    multiple of 16, so that a group's slice starts as aligned as the buffer and its loads stay vectorised (the
+    compiler infers the divisibility from the multiplication)."""
+    return tl.cdiv(n, 16) * 16
 
 
 @triton.jit
@@ -141,7 +171,8 @@ def _insert4(v0, i0, v1, i1, v2, i2, v3, i3, v, i):
 def _epilogue(acc, w, o, v0, i0, v1, i1, v2, i2, v3, i3, kb, k_hi, rows, rs, rt, seed_row, seed_col, clamp,
               TP: tl.constexpr, SAMPLE: tl.constexpr, BN: tl.constexpr):
     """Keys of one ``[BM, BN]`` block of dot products (codes ``kb + j``, key terms ``w``, ``o`` ``[BN]``) merged
-    into the running minimum (TP = 1: ``v0, i0``) or top-4 list (TP = 4)."""
+    into the running minimum (TP = 1: ``v0, i0``) or top-4 list (TP = 4). ``rows``: the ids the noise is keyed
+    on (sampling only)."""
     BM: tl.constexpr = acc.shape[0]
     cols = kb + tl.arange(0, BN)
     cmask = cols < k_hi
@@ -171,15 +202,26 @@ def _epilogue(acc, w, o, v0, i0, v1, i1, v2, i2, v3, i3, kb, k_hi, rows, rs, rt,
 # The fused search.
 # ---------------------------------------------------------------------------------------------------------------
 def search_kernel(
-    X, C, W, OFF, RS, RT, PV, PI,  # rows [N, D], codes [K, D], key terms [K], row terms [N] (sampling), partials
-    N, K, D, stride_xn, stride_cn, codes_per_split, seed_row, seed_col, clamp,
+    X, C, W, OFF, RS, RT, PV, PI,  # rows [G, N, D], codes [G, K, D], key terms [G, K'], row terms [G, N'], partials
+    N, K, D, stride_xg, stride_xn, stride_cg, stride_cn, codes_per_split, seed_row, seed_col, clamp, group_base,
     TP: tl.constexpr, SAMPLE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ACC_FP64: tl.constexpr, ONE_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     """The smallest (TP = 1) or 4 smallest (TP = 4) (key, code) per row over codes ``[pid_s * codes_per_split,
-    ...)`` into ``PV/PI [S, N, TP]``. Features are contiguous (stride 1) in both X and C."""
+    ...)`` of its group into ``PV/PI [G, S, N, TP]`` (S = grid axis 1). Features are contiguous (stride 1) in both
+    X and C; ``W``, ``OFF`` (and ``RS``, ``RT``) have group stride ``pad16(K)`` (``pad16(N)``). Sampling keys
+    the noise of search row r of group g as ``(group_base + g) N + r`` (the op's code ``g K + k``) and its columns
+    by their index within the group."""
+    g, g64 = _group(GROUPED)
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
+    X += g64 * stride_xg
+    C += g64 * stride_cg
+    # the key terms' group offset as an int32 index added to the codes' (the launcher keeps G pad16(K) below
+    # 2^31), not as moved W / OFF pointers: two 64-bit pointers live through the loop cost the tile its register
+    # budget (up to +34 registers per thread in the compile check, an occupancy step)
+    tk = g * _pad16(K)
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < N
     xrow = _rows64(rows, stride_xn)
@@ -193,11 +235,17 @@ def search_kernel(
     PREC: tl.constexpr = "ieee" if UPCAST else PRECISION
     dd = tl.arange(0, BD)
     if SAMPLE:
-        rs = tl.load(RS + rows, mask=rmask, other=1.0).to(acc_t)
-        rt = tl.load(RT + rows, mask=rmask, other=0.0).to(acc_t)
+        rs = tl.load(RS + g64 * _pad16(N) + rows, mask=rmask, other=1.0).to(acc_t)
+        rt = tl.load(RT + g64 * _pad16(N) + rows, mask=rmask, other=0.0).to(acc_t)
+        # the noise's row ids: the op's code ids (group_base + g) N + r, group_base the first group of this launch
+        # (the launcher splits more groups than grid axis 2 holds); int32: the launcher keeps G N below 2^31
+        keyed = rows
+        if GROUPED:
+            keyed = (group_base + g) * N + rows
     else:
         rs = None
         rt = None
+        keyed = rows
     v0 = tl.full([BM], float("inf"), acc_t)
     i0 = tl.full([BM], 2147483647, tl.int32)
     v1, i1, v2, i2, v3, i3 = v0, i0, v0, i0, v0, i0
@@ -214,9 +262,9 @@ def search_kernel(
                 b = b.to(tl.float64)
             acc = tl.dot(a_once, tl.trans(b), tl.zeros([BM, BN], dtype=dot_t), input_precision=PREC,
                          out_dtype=dot_t).to(acc_t)
-            w = tl.load(W + cols, mask=cmask, other=0.0).to(acc_t)
-            o = tl.load(OFF + cols, mask=cmask, other=0.0).to(acc_t)
-            v0, i0, v1, i1, v2, i2, v3, i3 = _epilogue(acc, w, o, v0, i0, v1, i1, v2, i2, v3, i3, kb, k_hi, rows,
+            w = tl.load(W + (tk + cols), mask=cmask, other=0.0).to(acc_t)
+            o = tl.load(OFF + (tk + cols), mask=cmask, other=0.0).to(acc_t)
+            v0, i0, v1, i1, v2, i2, v3, i3 = _epilogue(acc, w, o, v0, i0, v1, i1, v2, i2, v3, i3, kb, k_hi, keyed,
                                                        rs, rt, seed_row, seed_col, clamp, TP, SAMPLE, BN)
     else:
         # One flat loop over (code block, feature step), as a persistent GEMM walks its K loop: the pipeliner
@@ -240,14 +288,14 @@ def search_kernel(
                 b = b.to(tl.float64)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC, out_dtype=dot_t)
             # the key terms load outside the branch, so the pipeliner sees every load of the loop at top level
-            w = tl.load(W + cols, mask=cmask, other=0.0).to(acc_t)
-            o = tl.load(OFF + cols, mask=cmask, other=0.0).to(acc_t)
+            w = tl.load(W + (tk + cols), mask=cmask, other=0.0).to(acc_t)
+            o = tl.load(OFF + (tk + cols), mask=cmask, other=0.0).to(acc_t)
             if d0 + BD >= D:  # the block's last feature step: epilogue, then a fresh accumulator
                 v0, i0, v1, i1, v2, i2, v3, i3 = _epilogue(acc.to(acc_t), w, o, v0, i0, v1, i1, v2, i2, v3, i3, kb,
-                                                           k_hi, rows, rs, rt, seed_row, seed_col, clamp, TP, SAMPLE,
+                                                           k_hi, keyed, rs, rt, seed_row, seed_col, clamp, TP, SAMPLE,
                                                            BN)
                 acc = tl.zeros([BM, BN], dtype=dot_t)
-    prow = _rows64(rows, TP) + _rows64(pid_s, N) * TP
+    prow = ((g64 * tl.num_programs(1) + pid_s) * N + rows) * TP  # [G, S, N, TP]
     tl.store(PV + prow, v0, mask=rmask)
     tl.store(PI + prow, i0, mask=rmask)
     if TP == 4:
@@ -306,12 +354,20 @@ def _rescore64(X, C, RCN, xrow, codes, ok, D, stride_cn, rxn, metric, BM: tl.con
 
 
 def finalize_kernel(
-    X, C, PV, PI, CODES, DIST, ZQ, COUNTS, N, D, S, stride_xn, stride_cn, metric, gather,
-    ACC_FP64: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    X, C, PV, PI, CODES, DIST, ZQ, COUNTS, N, K, D, S, stride_xg, stride_xn, stride_cg, stride_cn, metric, gather,
+    ACC_FP64: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, GROUPED: tl.constexpr,
 ):
-    """Fast path, per row: merge the S partial minima, the distance, and with ``gather`` z_q (``ZQ [N, D]``
-    contiguous) and the histogram. ``metric``: 0 l2, 1 cosine, 2 dot."""
+    """Fast path, per row: merge the S partial minima (``PV/PI [G, S, N]``), the distance (``CODES``, ``DIST``
+    ``[G, N]``), and with ``gather`` z_q (``ZQ [G, N, D]`` contiguous) and the histogram (``COUNTS [G, K]``).
+    ``metric``: 0 l2, 1 cosine, 2 dot."""
+    g, g64 = _group(GROUPED)
     pid = tl.program_id(0)
+    X += g64 * stride_xg
+    C += g64 * stride_cg
+    PV += g64 * S * N
+    PI += g64 * S * N
+    CODES += g64 * N
+    DIST += g64 * N
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < N
     xrow = _rows64(rows, stride_xn)
@@ -341,7 +397,7 @@ def finalize_kernel(
     tl.store(CODES + rows, code.to(tl.int64), mask=rmask)
     tl.store(DIST + rows, dist, mask=rmask)
     if gather != 0:
-        _gather_rows(C, ZQ, COUNTS, rows, rmask, code, D, stride_cn, BM, BD)
+        _gather_rows(C, ZQ + g64 * N * D, COUNTS + g64 * K, rows, rmask, code, D, stride_cn, BM, BD)
 
 
 @triton.jit
@@ -359,26 +415,43 @@ def _gather_rows(C, ZQ, COUNTS, rows, rmask, code, D, stride_cn, BM: tl.constexp
     tl.atomic_add(COUNTS + code, cnt.to(tl.int64), mask=first)
 
 
-def gather_kernel(C, CODES, ZQ, COUNTS, N, D, stride_cn, BM: tl.constexpr, BD: tl.constexpr):
-    """``ZQ = C[CODES]`` and the histogram (after exact mode, whose codes come from two kernels)."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+def gather_kernel(C, CODES, ZQ, COUNTS, N, K, D, stride_cg, stride_cn, BM: tl.constexpr, BD: tl.constexpr,
+                  GROUPED: tl.constexpr):
+    """``ZQ [G, N, D] = C[g][CODES [G, N]]`` and the histogram ``COUNTS [G, K]`` (after exact mode, whose codes
+    come from two kernels)."""
+    g, g64 = _group(GROUPED)
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
     rmask = rows < N
-    code = tl.load(CODES + rows, mask=rmask, other=0).to(tl.int32)
-    _gather_rows(C, ZQ, COUNTS, rows, rmask, code, D, stride_cn, BM, BD)
+    code = tl.load(CODES + g64 * N + rows, mask=rmask, other=0).to(tl.int32)
+    _gather_rows(C + g64 * stride_cg, ZQ + g64 * N * D, COUNTS + g64 * K, rows, rmask, code, D, stride_cn, BM, BD)
 
 
 def exact_kernel(
-    X, C, PV, PI, RXN, RCN, CMAX, CODES, DIST, FLAG, N, K, D, S, stride_xn, stride_cn, gamma, metric, n_cand,
+    X, C, PV, PI, RXN, RCN, CMAX, CODES, DIST, FLAG, N, K, D, S, stride_xg, stride_xn, stride_cg, stride_cn, gamma,
+    metric, n_cand,
     TP: tl.constexpr, ACC_FP64: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDX: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     """Exact mode, per row: merge the S partial top-4 lists, re-score the first ``n_cand`` (<= 4) candidates
     inside the rounding bound in fp64 (``CODES``, ``DIST``), and set ``FLAG`` where the ``n_cand``-th candidate is
     inside the bound too: more codes may be, and :func:`rescan_kernel` re-scores every code of that row.
 
     Every code whose fast key may round below the true minimum lies within 2E of the fast minimum, E the bound on
-    a key's rounding error (``gamma = safety * (D + 4) * u``, set by the launcher). ``RXN [N]`` / ``RCN [K]``:
-    fp64 reciprocal norms (cosine only; an fp64 division here would cost a call frame)."""
+    a key's rounding error (``gamma = safety * (D + 4) * u``, set by the launcher). ``RXN [G, N]`` / ``RCN [G, K]``:
+    fp64 reciprocal norms (cosine only; an fp64 division here would cost a call frame); ``CMAX [G]`` the largest
+    code norm of each group; ``PV/PI [G, S, N, TP]``; ``CODES``, ``DIST`` ``[G, N]``. ``RXN``, ``FLAG`` have
+    group stride ``pad16(N)``, ``RCN`` ``pad16(K)``."""
+    g, g64 = _group(GROUPED)
     pid = tl.program_id(0)
+    X += g64 * stride_xg
+    C += g64 * stride_cg
+    PV += g64 * S * N * TP
+    PI += g64 * S * N * TP
+    RCN += g64 * _pad16(K)
+    CODES += g64 * N
+    DIST += g64 * N
+    FLAG += g64 * _pad16(N)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < N
     xrow = _rows64(rows, stride_xn)
@@ -401,7 +474,7 @@ def exact_kernel(
                      other=0.0).to(tl.float64)
         xsq += tl.sum(xa * xa, 1)
     xn = _norm_upper(xsq)
-    cmax = tl.load(CMAX)
+    cmax = tl.load(CMAX + g)
     e = gamma * xn * cmax  # dot
     if metric == 0:
         e = gamma * (2.0 * xn * cmax + cmax * cmax)
@@ -410,7 +483,7 @@ def exact_kernel(
     thresh = key0 + 2.0 * (e + gamma * tl.abs(key0))
     rxn = tl.full([BM], 1.0, tl.float64)
     if metric == 1:
-        rxn = tl.load(RXN + rows, mask=rmask, other=1.0)
+        rxn = tl.load(RXN + g64 * _pad16(N) + rows, mask=rmask, other=1.0)
     best_d = tl.full([BM], float("inf"), tl.float64)
     best_c = tl.full([BM], 0, tl.int32)
     for t in range(0, n_cand):  # the search keeps 4; its first n_cand are exactly the top-n_cand
@@ -430,20 +503,29 @@ def exact_kernel(
     tl.store(FLAG + rows, overflow.to(tl.int8), mask=rmask)
 
 
-def rescan_kernel(X, C, RXN, RCN, CODES, DIST, FLAG, N, K, D, stride_xn, stride_cn, metric,
-                  BM: tl.constexpr, BNR: tl.constexpr, BDR: tl.constexpr):
+def rescan_kernel(X, C, RXN, RCN, CODES, DIST, FLAG, N, K, D, stride_xg, stride_xn, stride_cg, stride_cn, metric,
+                  BM: tl.constexpr, BNR: tl.constexpr, BDR: tl.constexpr, GROUPED: tl.constexpr):
     """fp64 distance of each flagged row (rare: near-duplicate codes) to every code, one row at a time, in
     ``[BNR, BDR]`` tiles (runtime loops over codes and features): its minimum, ties to the lowest code. A block
     without flagged rows exits after one load. (Written out, not in helpers: the interpreter pays for every
-    device-function call, and this loop runs once per flagged row.)"""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    device-function call, and this loop runs once per flagged row.) Operands as :func:`exact_kernel`'s."""
+    g, g64 = _group(GROUPED)
+    pid = tl.program_id(0)
+    X += g64 * stride_xg
+    C += g64 * stride_cg
+    RXN += g64 * _pad16(N)
+    RCN += g64 * _pad16(K)
+    CODES += g64 * N
+    DIST += g64 * N
+    FLAG += g64 * _pad16(N)
+    rows = pid * BM + tl.arange(0, BM)
     rmask = rows < N
     flag = tl.load(FLAG + rows, mask=rmask, other=0)
     jj = tl.arange(0, BNR)
     dd = tl.arange(0, BDR)
     if tl.max(flag.to(tl.int32), 0) > 0:
         for r in range(0, BM):
-            row = tl.program_id(0) * BM + r
+            row = pid * BM + r
             if row < N:
                 if tl.load(FLAG + row) != 0:
                     rxn = tl.full([], 1.0, tl.float64)
@@ -486,12 +568,18 @@ def rescan_kernel(X, C, RXN, RCN, CODES, DIST, FLAG, N, K, D, stride_xn, stride_
 # code_stats
 # ---------------------------------------------------------------------------------------------------------------
 def code_stats_kernel(
-    X, CODES, SUMS, COUNTS, N, D, stride_xn,
-    ACC_FP64: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+    X, CODES, SUMS, COUNTS, N, K, D, stride_xg, stride_xn,
+    ACC_FP64: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, GROUPED: tl.constexpr,
 ):
-    """Per-code sums ``SUMS [K, D]`` and counts of the rows ``X [N, D]`` (features contiguous) by ``CODES``."""
+    """Per-code sums ``SUMS [G, K, D]`` and counts ``COUNTS [G, K]`` of the rows ``X [G, N, D]`` (features
+    contiguous) by ``CODES [G, N]`` (contiguous)."""
+    g, g64 = _group(GROUPED)
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
+    X += g64 * stride_xg
+    CODES += g64 * N
+    SUMS += g64 * K * D
+    COUNTS += g64 * K
     rows = pid_r * BR + tl.arange(0, BR)
     rmask = rows < N
     c = tl.load(CODES + rows, mask=rmask, other=-1)
@@ -513,10 +601,16 @@ def code_stats_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Key terms
 # ---------------------------------------------------------------------------------------------------------------
-def sum_squares_kernel(C, SQ, K, D, stride_cn, BK: tl.constexpr, BD: tl.constexpr):
-    """``SQ[k] = sum_d C[k, d]^2`` in fp64 from the stored values (features contiguous): the code-norm term of
-    every key (``vqkernels.numerics.key_terms`` turns it into (w, o) and the norms)."""
-    codes = tl.program_id(0) * BK + tl.arange(0, BK)
+def sum_squares_kernel(C, SQ, K, D, stride_cg, stride_cn, BK: tl.constexpr, BD: tl.constexpr,
+                       GROUPED: tl.constexpr):
+    """``SQ[g, k] = sum_d C[g, k, d]^2`` (``SQ [G, pad16(K)]``, the pad columns written 0) in fp64 from the stored
+    values (features contiguous): the code-norm term of every key (``vqkernels.numerics.key_terms`` turns it into
+    (w, o) and the norms). BK is a multiple of 16, so the programs cover the pads."""
+    g, g64 = _group(GROUPED)
+    pid = tl.program_id(0)
+    C += g64 * stride_cg
+    SQ += g64 * _pad16(K)
+    codes = pid * BK + tl.arange(0, BK)
     cm = codes < K
     crow = _rows64(codes, stride_cn)
     dd = tl.arange(0, BD)
@@ -526,7 +620,10 @@ def sum_squares_kernel(C, SQ, K, D, stride_cn, BK: tl.constexpr, BD: tl.constexp
         ca = tl.load(C + crow[:, None] + feat[None, :], mask=cm[:, None] & (feat < D)[None, :], other=0.0)
         ca = ca.to(tl.float64)
         s += tl.sum(ca * ca, 1)
-    tl.store(SQ + codes, s, mask=cm)
+    kp = K
+    if GROUPED:
+        kp = _pad16(K)  # the pads: 0 (masked loads), so their key terms are finite
+    tl.store(SQ + codes, s, mask=codes < kp)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,19 +641,21 @@ def _twins(fn, always: list[str], layout_ints: list[str], layout_ptrs: list[str]
     return aligned, generic
 
 
+# The group strides are layout ints: a group's base is aligned when the tensor's is and its group stride is a
+# multiple of 16 (2-D launches pass 0).
+_LAYOUT = ["D", "stride_xg", "stride_xn", "stride_cg", "stride_cn"]
 search_kernel, search_kernel_any = _twins(
-    search_kernel, ["N", "K", "codes_per_split", "seed_row", "seed_col", "clamp"], ["D", "stride_xn", "stride_cn"],
-    ["X", "C"])
+    search_kernel, ["N", "K", "codes_per_split", "seed_row", "seed_col", "clamp", "group_base"], _LAYOUT, ["X", "C"])
 finalize_kernel, finalize_kernel_any = _twins(
-    finalize_kernel, ["N", "S", "metric", "gather"], ["D", "stride_xn", "stride_cn"], ["X", "C"])
-exact_kernel, exact_kernel_any = _twins(
-    exact_kernel, ["N", "K", "S", "metric", "n_cand"], ["D", "stride_xn", "stride_cn"], ["X", "C"])
+    finalize_kernel, ["N", "K", "S", "metric", "gather"], _LAYOUT, ["X", "C"])
+exact_kernel, exact_kernel_any = _twins(exact_kernel, ["N", "K", "S", "metric", "n_cand"], _LAYOUT, ["X", "C"])
 # the rare paths of exact mode: never specialised
-rescan_kernel = triton.jit(do_not_specialize=["N", "K", "D", "stride_xn", "stride_cn", "metric"],
+rescan_kernel = triton.jit(do_not_specialize=["N", "K", "metric"] + _LAYOUT,
                            do_not_specialize_on_alignment=["X", "C"])(rescan_kernel)
-gather_kernel = triton.jit(do_not_specialize=["N", "D", "stride_cn"], do_not_specialize_on_alignment=["C", "ZQ"])(
-    gather_kernel)
-code_stats_kernel, code_stats_kernel_any = _twins(code_stats_kernel, ["N"], ["D", "stride_xn"], ["X"])
+gather_kernel = triton.jit(do_not_specialize=["N", "K", "D", "stride_cg", "stride_cn"],
+                           do_not_specialize_on_alignment=["C", "ZQ"])(gather_kernel)
+code_stats_kernel, code_stats_kernel_any = _twins(code_stats_kernel, ["N", "K"], ["D", "stride_xg", "stride_xn"],
+                                                  ["X"])
 # one pass over the codebook, negligible beside the search: never specialised
-sum_squares_kernel = triton.jit(do_not_specialize=["K", "D", "stride_cn"], do_not_specialize_on_alignment=["C"])(
-    sum_squares_kernel)
+sum_squares_kernel = triton.jit(do_not_specialize=["K", "D", "stride_cg", "stride_cn"],
+                                do_not_specialize_on_alignment=["C"])(sum_squares_kernel)

@@ -126,15 +126,16 @@ def _env_int(name: str, default: int, lo: int, hi: int) -> int:
 MAX_SPLITS = 65535  # grid.y limit
 
 
-def _num_splits(n: int, k: int, cfg: TileConfig, device: torch.device) -> int:
-    """Code splits: 1 when the row tiles alone fill the GPU twice; else enough to, keeping >= 4 blocks a split."""
+def _num_splits(n: int, k: int, cfg: TileConfig, device: torch.device, groups: int = 1) -> int:
+    """Code splits: 1 when the row tiles (of all ``groups``) alone fill the GPU twice; else enough to, keeping
+    >= 4 blocks a split."""
     max_splits = min(MAX_SPLITS, triton.cdiv(k, cfg.bn))
     if "VQK_TRITON_SPLIT" in os.environ:
         return _env_int("VQK_TRITON_SPLIT", 1, 1, max_splits)
     if interpreting():
         return 1
     target = 2 * _sm_count(device)
-    row_programs = triton.cdiv(n, cfg.bm)
+    row_programs = groups * triton.cdiv(n, cfg.bm)
     if row_programs >= target:
         return 1
     return max(1, min(triton.cdiv(target, row_programs), triton.cdiv(k, 4 * cfg.bn), max_splits))
@@ -157,10 +158,29 @@ def _eager(*tensors: Tensor) -> bool:
 _I32_LIMIT = 2**31 - 1
 
 
-def _check_extent(n: int, k: int) -> None:
-    # row and code indices are int32 inside the kernels (program ids, the partial lists' indices)
-    if n >= _I32_LIMIT - (1 << 20) or k >= _I32_LIMIT - (1 << 20):
+def _check_extent(n: int, k: int, groups: int = 1, keyed_groups: int = 0) -> None:
+    """Row and code indices are int32 inside the kernels (program ids, the partial lists' indices), and so are
+    the search's key-term indices ``g pad16(K) + k`` (``groups`` in the launch) and sampling's noise ids
+    ``g N + r`` of the search rows (``keyed_groups``: the op's groups up to this launch's last)."""
+    lim = _I32_LIMIT - (1 << 20)
+    if n >= lim or k >= lim:
         raise ValueError(f"the triton backend takes fewer than 2^31 - 2^20 rows and codes; got N = {n}, K = {k}")
+    if groups * _pad16(k, groups) >= lim:
+        raise ValueError(
+            f"the triton backend takes fewer than 2^31 - 2^20 codes over all groups; got G = {groups}, K = {k}"
+        )
+    if keyed_groups * n >= lim:
+        raise ValueError(
+            f"the triton backend samples for fewer than 2^31 - 2^20 codes in all; got G = {groups}, K = {n}"
+        )
+
+
+MAX_GROUPS = 65535  # grid.z limit: the groups of a batched launch (more are launched in chunks of this many)
+
+
+def _group_chunks(groups: int) -> list[tuple[int, int]]:
+    """``[(g0, g1), ...]``: the group ranges of the launches of a batch (one range unless G > MAX_GROUPS)."""
+    return [(g0, min(g0 + MAX_GROUPS, groups)) for g0 in range(0, groups, MAX_GROUPS)]
 
 
 def _aligned(ints: tuple[int, ...], tensors: tuple[Tensor, ...]) -> bool:
@@ -169,9 +189,16 @@ def _aligned(ints: tuple[int, ...], tensors: tuple[Tensor, ...]) -> bool:
     return all(v % 16 == 0 for v in ints) and all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def _features_contiguous(t: Tensor) -> Tensor:
-    """The kernels index features with unit stride (coalesced, vectorisable); rows may be strided."""
-    return t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
+def _groups(t: Tensor) -> tuple[Tensor, int]:
+    """``t`` (``[rows, D]`` or ``[G, rows, D]``) as ``[G, rows, D]`` (2-D: G = 1) with unit feature stride, and
+    the group stride the kernels take. The kernels index features with unit stride (coalesced, vectorisable);
+    rows and groups may be strided, so a head split ``x.view(N, G, D).transpose(0, 1)`` is read in place. A
+    single group passes group stride 0: the 2-D form launches exactly the variants it always did (0 is a multiple
+    of 16 whatever N D is)."""
+    t = t.unsqueeze(0) if t.dim() == 2 else t
+    if t.stride(2) != 1 and t.shape[2] != 1:
+        t = t.contiguous()
+    return t, (t.stride(0) if t.shape[0] > 1 else 0)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -186,51 +213,70 @@ def _sm_count(device: torch.device) -> int:
     return int(active.utils.get_device_properties(active.get_current_device())["multiprocessor_count"])
 
 
-def sum_squares(cols: Tensor) -> Tensor:
-    """``[K]`` fp64 ``sum_d c_kd^2`` by one kernel (:func:`vqkernels.numerics.sum_squares`)."""
-    k, d = cols.shape
-    sq = torch.empty(k, dtype=torch.float64, device=cols.device)
-    if k == 0:
-        return sq
+def _pad16(n: int, groups: int) -> int:
+    """The group stride of the per-code and per-row scratch (key terms, norms, flags), as ``kernels._pad16``:
+    ``[G, n]`` is stored as ``[G, pad16(n)]``, so every group's slice starts 16-element aligned and the kernels'
+    loads of it stay vectorised; one group (the 2-D form, whose kernels have no group offsets) needs no pad."""
+    return n if groups == 1 else triton.cdiv(n, 16) * 16
+
+
+def sum_squares(cols: Tensor, stride_g: int) -> Tensor:
+    """fp64 ``sum_d c_kd^2`` of ``cols [G, K, D]`` (group stride ``stride_g``; features contiguous) by one kernel
+    (:func:`vqkernels.numerics.sum_squares`): ``[G, K']``, K' = ``_pad16(K, G)``, the pad columns 0."""
+    g, k, d = cols.shape
+    sq = torch.empty((g, _pad16(k, g)), dtype=torch.float64, device=cols.device)
     bk, bd = (1024, 128) if interpreting() else SUM_SQUARES_TILE
-    wrap_triton(kernels.sum_squares_kernel)[(triton.cdiv(k, bk),)](
-        cols, sq, k, d, cols.stride(0), BK=bk, BD=bd, num_warps=4, num_stages=1
+    wrap_triton(kernels.sum_squares_kernel)[(triton.cdiv(k, bk), 1, g)](
+        cols, sq, k, d, stride_g, cols.stride(1), BK=bk, BD=bd, GROUPED=g > 1, num_warps=4, num_stages=1
     )
     return sq
 
 
-def key_terms(cols: Tensor, metric: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(w [K], o [K], cnorm64 [K])``: :func:`vqkernels.numerics.key_terms` on the kernel's sums of squares."""
-    return numerics.key_terms(cols, metric, sq=sum_squares(cols))
+def key_terms(cols: Tensor, metric: str, stride_g: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(w, o, cnorm64)`` of ``cols [G, K, D]``, each ``[G, K']`` (:func:`sum_squares`; finite pads, never read):
+    :func:`vqkernels.numerics.key_terms` on the kernel's sums of squares."""
+    return numerics.key_terms(cols, metric, sq=sum_squares(cols, stride_g))
 
 
 def _search_partials(
-    rows: Tensor, cols: Tensor, metric: str, t: int, exact: bool, sample: tuple[int, int] | None = None
+    rows: Tensor,
+    cols: Tensor,
+    strides_g: tuple[int, int],
+    metric: str,
+    t: int,
+    exact: bool,
+    sample: tuple[int, int, int] | None = None,
 ) -> tuple[Tensor, Tensor, int, Tensor]:
-    """Run the search kernel: ``(pv [S, N, TP], pi [S, N, TP], S, cnorm64 [K])``. Features must be contiguous."""
-    n, d = rows.shape
-    k = cols.shape[0]
-    _check_extent(n, k)
+    """Run the search kernel on ``rows [G, N, D]`` against ``cols [G, K, D]`` (features contiguous; group strides
+    ``strides_g`` = (rows', cols')): ``(pv [G, S, N, TP], pi [G, S, N, TP], S, cnorm64 [G, K'])``.
+
+    ``sample``: ``(s_code, s_row, group_base)``, the seeds and the op's index of this launch's group 0 (the noise
+    keys search row r of group g as ``(group_base + g) N + r``)."""
+    g, n, d = rows.shape
+    k = cols.shape[1]
+    _check_extent(n, k, g, keyed_groups=sample[2] + g if sample else 0)
     acc = acc_dtype(rows.dtype)
     cfg = _config(rows.dtype, d, t)
-    s = _num_splits(n, k, cfg, rows.device)
+    s = _num_splits(n, k, cfg, rows.device, g)
     per_split = triton.cdiv(triton.cdiv(k, s), cfg.bn) * cfg.bn
     s = triton.cdiv(k, per_split)
     tp = t
-    w, o, cnorm = key_terms(cols, metric)
+    rgs, cgs = strides_g
+    w, o, cnorm = key_terms(cols, metric, cgs)
     if sample is not None:
-        rw, ro, _ = key_terms(rows, metric)
+        rw, ro, _ = key_terms(rows, metric, rgs)
         # the row-side factor and term of the distance: 1 / max(|c|, eps) for cosine (= -w of the rows), |c|^2
         # for l2 (= o of the rows)
-        rs = -rw if metric == "cosine" else torch.ones(n, dtype=acc, device=rows.device)
-        rt = ro if metric == "l2" else torch.zeros(n, dtype=acc, device=rows.device)
-        seed_row, seed_col = (_i32(v) for v in sample)  # (s_code, s_row): the search rows are the codes
+        rs = -rw if metric == "cosine" else torch.ones((g, _pad16(n, g)), dtype=acc, device=rows.device)
+        rt = ro if metric == "l2" else torch.zeros((g, _pad16(n, g)), dtype=acc, device=rows.device)
+        seed_row, seed_col = (_i32(v) for v in sample[:2])  # (s_code, s_row): the search rows are the codes
+        group_base = sample[2]
     else:
-        rs, rt, seed_row, seed_col = w, o, 0, 0
-    pv = torch.empty((s, n, tp), dtype=acc, device=rows.device)
-    pi = torch.empty((s, n, tp), dtype=torch.int32, device=rows.device)
-    grid = (triton.cdiv(n, cfg.bm), s)
-    aligned = _aligned((d, rows.stride(0), cols.stride(0)), (rows, cols))
+        rs, rt, seed_row, seed_col, group_base = w, o, 0, 0, 0
+    pv = torch.empty((g, s, n, tp), dtype=acc, device=rows.device)
+    pi = torch.empty((g, s, n, tp), dtype=torch.int32, device=rows.device)
+    grid = (triton.cdiv(n, cfg.bm), s, g)
+    aligned = _aligned((d, rgs, rows.stride(1), cgs, cols.stride(1)), (rows, cols))
     wrap_triton(kernels.search_kernel if aligned else kernels.search_kernel_any)[grid](
         rows,
         cols,
@@ -243,12 +289,15 @@ def _search_partials(
         n,
         k,
         d,
-        rows.stride(0),
-        cols.stride(0),
+        rgs,
+        rows.stride(1),
+        cgs,
+        cols.stride(1),
         per_split,
         seed_row,
         seed_col,
         int(sample is not None and metric == "l2"),
+        group_base,
         TP=tp,
         SAMPLE=sample is not None,
         UPCAST=interpreting() and rows.dtype != torch.float64,  # fp64 dots under the interpreter (kernels.py)
@@ -258,6 +307,7 @@ def _search_partials(
         BM=cfg.bm,
         BN=cfg.bn,
         BD=cfg.bd,
+        GROUPED=g > 1 or group_base > 0,  # a chunk of one group past the first keys its noise from group_base
         num_warps=cfg.warps,
         num_stages=cfg.stages,
     )
@@ -279,23 +329,28 @@ def exact_candidates() -> int:
 def _finalize(
     x: Tensor, codebook: Tensor, metric: str, exact: bool, gather: bool
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-    """Search + finalize: ``(codes, z_q or None, dist, counts or None)``."""
-    n, d = x.shape
-    k = codebook.shape[0]
+    """Search + finalize: ``(codes, z_q or None, dist, counts or None)``, 2-D or batched as ``x`` is."""
+    if x.dim() == 3 and x.shape[0] > MAX_GROUPS:  # more groups than grid axis 2 holds: one pass per chunk
+        parts = [_finalize(x[a:b], codebook[a:b], metric, exact, gather) for a, b in _group_chunks(x.shape[0])]
+        return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
     acc = acc_dtype(x.dtype)
-    codes = torch.empty(n, dtype=torch.int64, device=x.device)
-    dist = torch.empty(n, dtype=acc, device=x.device)
-    zq = torch.empty((n, d), dtype=codebook.dtype, device=x.device) if gather else None
-    counts = torch.zeros(k, dtype=torch.int64, device=x.device) if gather else None
-    if n == 0:
+    codes = torch.empty(x.shape[:-1], dtype=torch.int64, device=x.device)
+    dist = torch.empty(x.shape[:-1], dtype=acc, device=x.device)
+    zq = torch.empty(x.shape, dtype=codebook.dtype, device=x.device) if gather else None
+    counts = torch.zeros(codebook.shape[:-1], dtype=torch.int64, device=x.device) if gather else None
+    if codes.numel() == 0:  # G = 0 or N = 0
         return codes, zq, dist, counts
-    x, codebook = _features_contiguous(x), _features_contiguous(codebook)
+    x, xgs = _groups(x)
+    codebook, cgs = _groups(codebook)
+    g, n, d = x.shape
+    k = codebook.shape[1]
     top = EXACT_LIST if exact else 1
-    pv, pi, s, cnorm = _search_partials(x, codebook, metric, top, exact)
+    pv, pi, s, cnorm = _search_partials(x, codebook, (xgs, cgs), metric, top, exact)
     f = _finalize_tile(x.dtype, d)
-    aligned = _aligned((d, x.stride(0), codebook.stride(0)), (x, codebook))
+    layout = (d, xgs, x.stride(1), cgs, codebook.stride(1))
+    aligned = _aligned(layout, (x, codebook))
     warps = f.warps if aligned else f.warps_any
-    grid = (triton.cdiv(n, f.bm),)
+    grid = (triton.cdiv(n, f.bm), 1, g)
     if not exact:
         kernel = kernels.finalize_kernel if aligned else kernels.finalize_kernel_any
         wrap_triton(kernel)[grid](
@@ -309,28 +364,30 @@ def _finalize(
             zq if gather else codebook,
             counts if gather else codes,
             n,
+            k,
             d,
             s,
-            x.stride(0),
-            codebook.stride(0),
+            *layout[1:],
             metric_code(metric),
             int(gather),
             ACC_FP64=acc == torch.float64,
             BM=f.bm,
             BD=f.bd,
+            GROUPED=g > 1,
             num_warps=warps,
             num_stages=1,
         )
         return codes, zq, dist, counts
-    cmax = cnorm.max().reshape(1)
-    # fp64 reciprocal norms of the cosine re-score (IEEE divisions, by torch)
+    cmax = cnorm.amax(1)  # [G]: each group's bound uses its own codebook (the pads are 0)
+    # fp64 reciprocal norms of the cosine re-score (IEEE divisions, by torch), [G, K'] and [G, N']
     if metric == "cosine":
         rcn = 1.0 / cnorm.clamp_min(COS_EPS)
-        rxn = 1.0 / torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).clamp_min(COS_EPS)
+        rxn = torch.ones((g, _pad16(n, g)), dtype=torch.float64, device=x.device)
+        rxn[:, :n] = 1.0 / torch.linalg.vector_norm(x, dim=2, dtype=torch.float64).clamp_min(COS_EPS)
     else:  # unread stand-ins of the same types (one compiled variant for every metric)
         rcn, rxn = cnorm, torch.empty(1, dtype=torch.float64, device=x.device)
     gamma = numerics.exact_gamma(d, x.dtype)
-    flag = torch.empty(n, dtype=torch.int8, device=x.device)
+    flag = torch.empty((g, _pad16(n, g)), dtype=torch.int8, device=x.device)
     kernel = kernels.exact_kernel if aligned else kernels.exact_kernel_any
     wrap_triton(kernel)[grid](
         x,
@@ -347,8 +404,7 @@ def _finalize(
         k,
         d,
         s,
-        x.stride(0),
-        codebook.stride(0),
+        *layout[1:],
         gamma,
         metric_code(metric),
         exact_candidates(),
@@ -357,6 +413,7 @@ def _finalize(
         BM=f.bm,
         BD=f.bd,
         BDX=f.bdx,
+        GROUPED=g > 1,
         num_warps=warps,
         num_stages=1,
     )
@@ -370,19 +427,31 @@ def _finalize(
         flag,
         n,
         k,
-        d,
-        x.stride(0),
-        codebook.stride(0),
+        *layout,
         metric_code(metric),
         BM=f.bm,
         BNR=f.bnr,
         BDR=f.bdr,
+        GROUPED=g > 1,
         num_warps=4,
         num_stages=1,
     )
     if gather:
         wrap_triton(kernels.gather_kernel)[grid](
-            codebook, codes, zq, counts, n, d, codebook.stride(0), BM=f.bm, BD=f.bd, num_warps=8, num_stages=1
+            codebook,
+            codes,
+            zq,
+            counts,
+            n,
+            k,
+            d,
+            cgs,
+            codebook.stride(1),
+            BM=f.bm,
+            BD=f.bd,
+            GROUPED=g > 1,
+            num_warps=8,
+            num_stages=1,
         )
     return codes, zq, dist, counts
 
@@ -407,53 +476,86 @@ def quantize_triton(x: Tensor, codebook: Tensor, metric: str, exact: bool) -> tu
 
 @triton_op("vqkernels::code_stats_triton", mutates_args=())
 def code_stats_triton(x: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
-    n, d = x.shape
     acc = acc_dtype(x.dtype)
-    if _eager(x, codes) and n and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
+    if _eager(x, codes) and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
         raise ValueError(
             f"codes must lie in [0, num_codes = {num_codes}); got values in [{int(codes.min())}, {int(codes.max())}]"
         )
-    sums = torch.zeros((num_codes, d), dtype=acc, device=x.device)
-    counts = torch.zeros(num_codes, dtype=torch.int64, device=x.device)
-    if n == 0:
+    sums = torch.zeros((*x.shape[:-2], num_codes, x.shape[-1]), dtype=acc, device=x.device)
+    counts = torch.zeros((*x.shape[:-2], num_codes), dtype=torch.int64, device=x.device)
+    if codes.numel() == 0:  # G = 0 or N = 0
         return sums, counts
-    x = _features_contiguous(x)
+    # the kernel reads codes [G, N] as g N + row: a strided view is copied (int64 codes, small beside x)
+    codes = codes.contiguous()
+    if x.dim() == 2:
+        _code_stats(x, codes, sums, counts)
+    else:  # more groups than grid axis 2 holds: one launch per chunk, into the chunk's (contiguous) outputs
+        for a, b in _group_chunks(x.shape[0]):
+            _code_stats(x[a:b], codes[a:b], sums[a:b], counts[a:b])
+    return sums, counts
+
+
+def _code_stats(x: Tensor, codes: Tensor, sums: Tensor, counts: Tensor) -> None:
+    """Add the per-code sums and counts of ``x [N, D]`` / ``[G <= MAX_GROUPS, N, D]`` by ``codes`` (contiguous)
+    into the zeroed ``sums [(G,) K, D]`` and ``counts [(G,) K]``."""
+    num_codes = counts.shape[-1]
+    acc = sums.dtype
+    x, xgs = _groups(x)
+    g, n, d = x.shape
     br, bd, warps = STATS_TILES[_dtype_class(x.dtype)]
     if interpreting():
         br, bd, warps = 256, min(_pow2(d), 128), 1
-    aligned = _aligned((d, x.stride(0)), (x,))
+    aligned = _aligned((d, xgs, x.stride(1)), (x,))
     kernel = kernels.code_stats_kernel if aligned else kernels.code_stats_kernel_any
-    wrap_triton(kernel)[(triton.cdiv(n, br), triton.cdiv(d, bd))](
+    wrap_triton(kernel)[(triton.cdiv(n, br), triton.cdiv(d, bd), g)](
         x,
         codes,
         sums,
         counts,
         n,
+        num_codes,
         d,
-        x.stride(0),
+        xgs,
+        x.stride(1),
         ACC_FP64=acc == torch.float64,
         BR=br,
         BD=bd,
+        GROUPED=g > 1,
         num_warps=warps,
         num_stages=1,
     )
-    return sums, counts
 
 
 @triton_op("vqkernels::sample_code_triton", mutates_args=())
 def sample_code_triton(x: Tensor, codebook: Tensor, metric: str, seed: int) -> Tensor:
     """Per code k: ``argmin_i (d(x_i, c_k) - g(seed, k, i))``, a draw of ``P(i) ~ exp(-d(x_i, c_k))``: the search
-    with the roles swapped (the codes are the rows), the Gumbel noise subtracted in its epilogue."""
-    if x.shape[0] == 0:
+    with the roles swapped (the codes are the rows), the Gumbel noise subtracted in its epilogue. Batched: group
+    g's code k is keyed as code ``g * K + k`` (the search's noise id of row k of group g), its rows by their index
+    within the group."""
+    if x.dim() == 3 and x.shape[0] == 0:
+        return torch.empty(codebook.shape[:-1], dtype=torch.int64, device=x.device)
+    if x.shape[-2] == 0:
         raise ValueError("x must hold at least one row to sample from; got N = 0")
     # bf16 / fp16 upcast once (their products are exact in fp32, so nothing changes): one compiled variant per
     # accumulation dtype instead of one per input dtype
     acc = acc_dtype(x.dtype)
-    rows, cols = _features_contiguous(codebook.to(acc)), _features_contiguous(x.to(acc))
-    k = rows.shape[0]
-    pv, pi, s, _ = _search_partials(rows, cols, metric, 1, False, sample=numerics.seed_from_schema(seed))
+    s_code, s_row = numerics.seed_from_schema(seed)
+    if x.dim() == 2:
+        return _sample(x, codebook, metric, (s_code, s_row, 0), acc).reshape(codebook.shape[0])
+    # more groups than grid axis 2 holds: one launch per chunk, its noise keyed from its first group's index on
+    parts = [_sample(x[a:b], codebook[a:b], metric, (s_code, s_row, a), acc) for a, b in _group_chunks(x.shape[0])]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _sample(x: Tensor, codebook: Tensor, metric: str, keys: tuple[int, int, int], acc: torch.dtype) -> Tensor:
+    """:func:`sample_code_triton` on at most MAX_GROUPS groups -> int64 ``[G, K]`` (2-D: ``[1, K]``)."""
+    rows, rgs = _groups(codebook.to(acc))
+    cols, cgs = _groups(x.to(acc))
+    pv, pi, s, _ = _search_partials(rows, cols, (rgs, cgs), metric, 1, False, sample=keys)
     if s == 1:
-        return pi[0, :, 0].to(torch.int64)
-    # splits hold increasing input rows: the first minimum over splits is the lowest-index one
-    best = pv[:, :, 0].argmin(0)
-    return pi[:, :, 0].gather(0, best[None, :]).squeeze(0).to(torch.int64).reshape(k)
+        best = pi[:, 0, :, 0]
+    else:
+        # splits hold increasing input rows: the first minimum over splits is the lowest-index one
+        pick = pv[..., 0].argmin(1, keepdim=True)  # [G, 1, K]
+        best = pi[..., 0].gather(1, pick).squeeze(1)
+    return best.to(torch.int64)
