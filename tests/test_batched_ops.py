@@ -23,7 +23,6 @@ import vqkernels as vq
 from vqkernels import reference
 from vqkernels.numerics import gumbel_noise, seed_to_schema, split_seed
 
-
 BATCHED_BACKENDS = BACKEND_DEVICES
 HAS_CPU_OP = ("cpu", "cpu") in backend_devices()
 
@@ -157,9 +156,11 @@ def test_exact_mode_bound_is_per_group(metric, bd):
     for i in range(2):
         check_search(x[i], cb[i], metric, codes[i], dist[i], exact=True)
     if metric == "dot":
-        fast, _ = vq.nearest_code(x, cb, metric=metric, backend=backend)
+        # the case is hard: an fp32 search alone is fooled (the reference's: the triton interpreter's numpy
+        # products may round differently from a GPU's)
+        fast, _ = vq.nearest_code(x.cpu(), cb.cpu(), metric=metric, backend="torch")
         truth = brute_distances(x[1].cpu(), cb[1].cpu(), metric, direct=True).argmin(1)
-        assert int((fast[1].cpu() != truth).sum()) >= 10  # the case is hard: fp32 alone is fooled
+        assert int((fast[1] != truth).sum()) >= 10
 
 
 @pytest.mark.parametrize("bd", BATCHED_BACKENDS)
@@ -224,7 +225,11 @@ def test_one_group_equals_the_2d_op(bd):
         assert torch.equal(a[0], b)
 
 
-@pytest.mark.parametrize("bd", [p for p in BATCHED_BACKENDS if p.values[0][0] != "torch"])
+# the Triton launchers' chunking is tested on a small MAX_GROUPS in test_triton (65545 groups are 65545 Python-level
+# programs under the interpreter); here it runs on a GPU only
+@pytest.mark.parametrize(
+    "bd", [p for p in BATCHED_BACKENDS if p.values[0][0] != "torch" and p.values[0] != ("triton", "cpu")]
+)
 def test_more_groups_than_one_launch_holds(bd):
     """65545 tiny groups: more than a CUDA grid axis holds (65535), so the CUDA kernels take two launches; on the
     CPU, as many (group, block) tasks. Exact codes, per-group histograms and sums, and sample's noise keyed by the

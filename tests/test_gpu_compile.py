@@ -83,15 +83,18 @@ def test_the_matrix_reaches_every_kernel_and_every_design_choice(full_check):
             assert {c["TP"] for c in mine} == {"1", "4"}, dtype  # fast and exact
             assert {c["ONE_D"] for c in mine} == {"True", "False"}, dtype  # row tile once, runtime feature loop
             assert {c["BD"] for c in mine} >= {"16"}, dtype  # the D <= 16 tier
-    # the batched form compiles every tile the 2-D form does (GROUPED aside, same constexprs and layout)
-    tiles = {
-        grouped: {
-            (v["dtype"], v["layout"], json.dumps({k: c for k, c in v["constexprs"].items() if k != "GROUPED"}))
-            for v in search
-            if v["constexprs"]["GROUPED"] == grouped
-        }
-        for grouped in ("False", "True")
-    }
+    # the batched form compiles every tile the 2-D form does (GROUPED aside, same constexprs and layout), but for
+    # the one it narrows on purpose: bf16 / fp16 fast tile, unaligned operands, feature loop (ops.GROUPED_ANY_HALF_BD)
+    from vqkernels.triton.ops import GROUPED_ANY_HALF_BD
+
+    def batched_tile(v):
+        c = {k: val for k, val in v["constexprs"].items() if k != "GROUPED"}
+        narrowed = v["dtype"] in ("fp16", "bf16") and v["layout"] == "any" and c["TP"] == "1" and c["ONE_D"] == "False"
+        if narrowed and v["constexprs"]["GROUPED"] == "False":
+            c["BD"] = str(GROUPED_ANY_HALF_BD)
+        return v["dtype"], v["layout"], json.dumps(c, sort_keys=True)
+
+    tiles = {g: {batched_tile(v) for v in search if v["constexprs"]["GROUPED"] == g} for g in ("False", "True")}
     assert tiles["True"] == tiles["False"], tiles["False"] ^ tiles["True"]
     assert any(v["constexprs"]["PRECISION"] == "tf32" for v in search)
     assert {v["dtype"] for v in search if v["constexprs"]["SAMPLE"] == "True"} == {"fp32", "fp64"}

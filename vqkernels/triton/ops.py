@@ -62,6 +62,10 @@ EXACT_CONFIGS: dict[str, TileConfig] = {
     "fp32": TileConfig(64, 64, 32, 8, 2, "top-4 epilogue: twice the warps of the fast tile"),
     "fp64": TileConfig(32, 32, 16, 4, 1, "as the fast tile"),
 }
+# Unaligned rows load element by element, a pointer per element; in the batched variant of the bf16 / fp16 fast tile
+# on the feature loop (D > 64) the group offsets on top of those spill (48 B under triton 3.6 for sm_90, at 255
+# registers); a 32-wide feature step halves the pointers (no spill under 3.6 or 3.9). The 2-D tile keeps its 64.
+GROUPED_ANY_HALF_BD = 32
 # The interpreter runs each program in numpy: bigger blocks mean fewer Python-level iterations.
 INTERPRETER_CONFIG = TileConfig(512, 1024, 128, 1, 1, "interpreter: big numpy blocks, few Python iterations")
 
@@ -99,16 +103,20 @@ def _dtype_class(dtype: torch.dtype) -> str:
     return "fp64" if dtype == torch.float64 else "fp32"
 
 
-def _config(dtype: torch.dtype, d: int, top: int = 1) -> TileConfig:
+def _config(dtype: torch.dtype, d: int, top: int = 1, grouped_any: bool = False) -> TileConfig:
     """The search tile for this dtype and D: ``bd`` is 16 for D <= 16 (the smallest MMA k-step) and the table's
     otherwise (two feature tiers keep the variant count small); ``d <= bd`` means the row tile is loaded once
-    (``ONE_D``)."""
+    (``ONE_D``). ``grouped_any``: a batched launch on unaligned operands (the ``any`` twin), whose bf16 / fp16 fast
+    tile steps through wide rows 32 features at a time (:data:`GROUPED_ANY_HALF_BD`)."""
     if interpreting():
         c = INTERPRETER_CONFIG
         return TileConfig(c.bm, c.bn, min(_pow2(d), 128), c.warps, c.stages, c.why)
     cls = _dtype_class(dtype)
     cfg = SEARCH_CONFIGS[cls][0] if top == 1 else EXACT_CONFIGS[cls]
-    return TileConfig(cfg.bm, cfg.bn, 16 if d <= 16 else cfg.bd, cfg.warps, cfg.stages, cfg.why)
+    bd = 16 if d <= 16 else cfg.bd
+    if grouped_any and cls == "half" and top == 1 and d > bd:
+        bd = GROUPED_ANY_HALF_BD
+    return TileConfig(cfg.bm, cfg.bn, bd, cfg.warps, cfg.stages, cfg.why)
 
 
 def _finalize_tile(dtype: torch.dtype, d: int) -> FinalizeTile:
@@ -256,12 +264,13 @@ def _search_partials(
     k = cols.shape[1]
     _check_extent(n, k, g, keyed_groups=sample[2] + g if sample else 0)
     acc = acc_dtype(rows.dtype)
-    cfg = _config(rows.dtype, d, t)
+    rgs, cgs = strides_g
+    aligned = _aligned((d, rgs, rows.stride(1), cgs, cols.stride(1)), (rows, cols))
+    cfg = _config(rows.dtype, d, t, grouped_any=g > 1 and not aligned)
     s = _num_splits(n, k, cfg, rows.device, g)
     per_split = triton.cdiv(triton.cdiv(k, s), cfg.bn) * cfg.bn
     s = triton.cdiv(k, per_split)
     tp = t
-    rgs, cgs = strides_g
     w, o, cnorm = key_terms(cols, metric, cgs)
     if sample is not None:
         rw, ro, _ = key_terms(rows, metric, rgs)
@@ -276,7 +285,6 @@ def _search_partials(
     pv = torch.empty((g, s, n, tp), dtype=acc, device=rows.device)
     pi = torch.empty((g, s, n, tp), dtype=torch.int32, device=rows.device)
     grid = (triton.cdiv(n, cfg.bm), s, g)
-    aligned = _aligned((d, rgs, rows.stride(1), cgs, cols.stride(1)), (rows, cols))
     wrap_triton(kernels.search_kernel if aligned else kernels.search_kernel_any)[grid](
         rows,
         cols,
@@ -433,7 +441,8 @@ def _finalize(
         BNR=f.bnr,
         BDR=f.bdr,
         GROUPED=g > 1,
-        num_warps=4,
+        # the batched variant on 4 warps spills under triton 3.6 (sm_90); 8 warps halve its per-thread tiles
+        num_warps=8 if g > 1 else 4,
         num_stages=1,
     )
     if gather:
