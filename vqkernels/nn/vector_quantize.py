@@ -54,6 +54,11 @@ def _scale_grad(t: Tensor, scale: float) -> Tensor:
     return _ScaleGrad.apply(t, scale) if t.requires_grad and scale != 1.0 else t
 
 
+@torch.compiler.disable
+def _zero_requiring_grad(device: torch.device) -> Tensor:
+    return torch.zeros((), device=device, requires_grad=True)
+
+
 def _positive_int(v: object, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive int; got {v!r}")
@@ -479,9 +484,15 @@ class VectorQuantize(nn.Module):
         # forward whatever the mode: the codes are zeros before)
         self._codebook.kmeans_init_(self._library_rows(rows, mask, b, n), vq_dist.enabled(self.sync_codebook))
 
-    @torch.compiler.disable
     def _affine_moments(self, rows: Tensor, row_mask: Tensor | None) -> tuple[Tensor, ...]:
-        return self._codebook.affine_moments(rows if row_mask is None else rows[:, row_mask], self.training)
+        kept = rows if row_mask is None else rows[:, row_mask]
+        if self.training:
+            return self._fold_affine_moments(kept)
+        return self._codebook.affine_moments(kept, False)  # eval: no update, traceable
+
+    @torch.compiler.disable
+    def _fold_affine_moments(self, rows: Tensor) -> tuple[Tensor, ...]:
+        return self._codebook.affine_moments(rows, True)
 
     @torch.compiler.disable
     def _update(
@@ -599,15 +610,18 @@ class VectorQuantize(nn.Module):
 
         out = self._estimate(x, rows, z_q) if training else z_q
 
-        commit = ortho = zero
-        # as the library: in training the loss requires grad even when no term contributes
-        loss = torch.zeros((), device=rows.device, requires_grad=training)
+        commit = ortho = loss = zero
+        terms = []
         if training and self.has_commitment_loss:
             commit = self._commitment(rows, z_q, row_mask, freeze)
-            loss = loss + commit * self.commitment_weight
+            terms.append(commit * self.commitment_weight)
         if training and self.has_codebook_orthogonal_loss:
             ortho = self._orthogonal(codes)
-            loss = loss + ortho * self.orthogonal_reg_weight
+            terms.append(ortho * self.orthogonal_reg_weight)
+        if terms:
+            loss = sum(terms[1:], terms[0])
+        elif training:  # as the library: a training loss requires grad even when no term contributes
+            loss = _zero_requiring_grad(rows.device)
 
         quantized = self.project_out(self._heads_out(out, b, n))
         ind = codes.transpose(0, 1) if self.separate_codebook_per_head else codes.view(-1, self.heads)
