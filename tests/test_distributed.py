@@ -188,6 +188,11 @@ def _make_vqpt(kind: str) -> VectorQuantize:
         )
     if kind == "shared-heads-affine":
         return VectorQuantize(8, 16, heads=2, codebook_dim=4, affine_param=True, sync_affine_param=True, **common)
+    if kind == "per-rank-kmeans":
+        # each rank fits its own k-means (as the library with sync_kmeans=False): the ranks' EMA sizes differ, so
+        # the expiry must be decided together (else a rank skips its collective and the other hangs); the first
+        # expiry then hands every rank rank 0's state
+        return VectorQuantize(8, 16, sync_kmeans=False, **common)
     sgd = lambda p: torch.optim.SGD(p, lr=0.5)  # noqa: E731
     return VectorQuantize(8, 16, ema_update=False, learnable_codebook=True, in_place_codebook_optimizer=sgd, **common)
 
@@ -225,7 +230,7 @@ def _spawn(tmp_path, target, *args):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
-@pytest.mark.parametrize("kind", ["separate-heads", "shared-heads-affine", "in-place-optimizer"])
+@pytest.mark.parametrize("kind", ["separate-heads", "shared-heads-affine", "in-place-optimizer", "per-rank-kmeans"])
 def test_vector_quantize_ranks_hold_identical_codebooks(tmp_path, kind):
     """Each rank draws its own randomness and sees its own batches (one of them empty once): codebooks, EMA sizes
     and sums (and affine moments) stay bit-identical (with sync_codebook=False they differ: checked by hand)."""

@@ -151,8 +151,8 @@ def _count_expiries(ours, hits: list[int]) -> None:
     """Wrap the codebook's expiry check: ``hits`` gets 1 for every step where codes expired (else 0)."""
     check = ours._codebook.has_expired
 
-    def counted():
-        hit = check()
+    def counted(sync=False):
+        hit = check(sync)
         hits.append(int(hit))
         return hit
 

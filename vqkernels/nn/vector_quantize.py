@@ -510,7 +510,7 @@ class VectorQuantize(nn.Module):
         threshold (vector-quantize-pytorch's order)."""
         kept_rows, kept_codes = (rows, codes) if row_mask is None else (rows[:, row_mask], codes[:, row_mask])
         self._codebook.update_(kept_rows, kept_codes, ema_update, sync, moments)
-        if self._codebook.has_expired():
+        if self._codebook.has_expired(sync):
             self._codebook.expire_(self._library_rows(rows, mask, *bn), sync)
 
     @torch.compiler.disable

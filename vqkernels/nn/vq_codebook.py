@@ -166,7 +166,8 @@ class VQCodebook(nn.Module):
         them). Eval changes nothing (vector-quantize-pytorch also folds the batch moments in during eval); moments
         never set yet are this batch's and the current codes'.
         """
-        c_now = _moments(self.embed.detach().float())
+        e = self.embed.detach()
+        c_now = _moments(e if e.dtype == torch.float64 else e.float())
         if training:
             sync_b = False
             if self.sync_affine_param:
@@ -256,9 +257,16 @@ class VQCodebook(nn.Module):
         if ema_update:
             self._refresh_embed()
 
-    def has_expired(self) -> bool:
-        """Whether some code's EMA size is below the threshold (a host read; the same on every rank under sync)."""
-        return self.threshold_ema_dead_code > 0 and bool((self.cluster_size < self.threshold_ema_dead_code).any())
+    def has_expired(self, sync: bool = False) -> bool:
+        """Whether some code's EMA size is below the threshold (a host read). Under ``sync`` the answer is the
+        ranks' "any" (one scalar all-reduce): the sizes agree after a synced k-means init, but not with
+        ``sync_kmeans=False``, and the expiry holds a collective that every rank must enter."""
+        if self.threshold_ema_dead_code <= 0:
+            return False
+        dead = (self.cluster_size < self.threshold_ema_dead_code).any()
+        if sync:
+            dead = vq_dist.all_reduce_sum(dead.to(torch.int32).reshape(1))
+        return bool(dead)
 
     @torch.no_grad()
     def expire_(self, rows: Tensor, sync: bool) -> None:
