@@ -410,7 +410,9 @@ class VectorQuantize(nn.Module):
             return ind.reshape(ind.shape[0], *layout.spatial, *ind.shape[2:])
         return ind
 
-    def _mask(self, mask: Tensor | None, lens: Tensor | None, layout: _Layout, b: int, n: int) -> Tensor | None:
+    def _mask(self, mask: Tensor | None, lens: Tensor | None, layout: _Layout, xs: Tensor) -> Tensor | None:
+        """The padding mask ``[b, n]`` (bool, True = real position) on ``xs``' device, from ``mask`` or ``lens``."""
+        b, n = xs.shape[0], xs.shape[1]
         if mask is not None and lens is not None:
             raise ValueError("pass mask or lens, not both")
         if mask is None and lens is None:
@@ -418,12 +420,12 @@ class VectorQuantize(nn.Module):
         if layout.kind in ("one", "fmap"):
             raise ValueError("mask / lens apply to sequences [b, n, dim] (or [b, dim, n]), not to one token or fmaps")
         if lens is not None:
-            mask = torch.arange(n, device=lens.device) < lens.reshape(-1, 1)
+            mask = torch.arange(n, device=xs.device) < lens.to(xs.device).reshape(-1, 1)
         if mask.dtype != torch.bool or tuple(mask.shape) != (b, n):
             raise ValueError(
                 f"mask must be a bool tensor of shape (b, n) = {(b, n)}; got {mask.dtype} {tuple(mask.shape)}"
             )
-        return mask
+        return mask.to(xs.device)
 
     def _heads_in(self, h: Tensor) -> Tensor:
         """``[b, n, heads * D]`` -> the rows of the search ``[G, N, D]``: one codebook, rows in (b, n, head) order
@@ -571,7 +573,7 @@ class VectorQuantize(nn.Module):
 
         xs, layout = self._rows_in(x)
         b, n = xs.shape[0], xs.shape[1]
-        mask = self._mask(mask, lens, layout, b, n)
+        mask = self._mask(mask, lens, layout, xs)
         if not self.enabled:
             return self._identity(x, b, n, layout, return_loss_breakdown)
         training = self.training
