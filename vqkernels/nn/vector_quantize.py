@@ -659,7 +659,8 @@ class VectorQuantize(nn.Module):
         return F.mse_loss(q.to(acc), rows.to(acc))
 
     def _orthogonal(self, codes: Tensor) -> Tensor:
-        # clone: the EMA writes the codes in place, and the loss's backward needs them as they are now
+        # a snapshot: the next training forward's EMA writes the codes in place (through .data, as the library,
+        # unseen by autograd), and this loss's backward needs them as they are now
         embed = self._codebook.embed.clone()
         if self.orthogonal_reg_active_codes_only:
             embed = embed[:, torch.unique(codes)]
