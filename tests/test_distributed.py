@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vqkernels.nn import GroupVectorQuant, VectorQuant
+from vqkernels.nn import GroupVectorQuant, VectorQuant, VectorQuantize
 
 TIMEOUT_S = 120
 STEPS = 50
@@ -182,3 +182,104 @@ def test_ddp_example_runs(capfd):
     out = capfd.readouterr().out
     assert "ranks hold identical codebooks after 6 steps" in out, out
     assert "epoch 0: loss" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VectorQuantize (the vector-quantize-pytorch drop-in): EMA sums and counts all-reduced, k-means init and expired
+# codes from rank 0, affine batch moments and in-place optimiser gradients reduced
+# ---------------------------------------------------------------------------------------------------------------
+VQPT_STEPS = 12
+
+
+def _make_vqpt(kind: str) -> VectorQuantize:
+    common = dict(kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=2)
+    if kind == "separate-heads":
+        # TODO(batched): backend="torch" until the cpu / triton / cuda backends run the batched form
+        return VectorQuantize(
+            8, 16, heads=2, codebook_dim=4, separate_codebook_per_head=True, backend="torch", **common
+        )
+    if kind == "shared-heads-affine":
+        return VectorQuantize(8, 16, heads=2, codebook_dim=4, affine_param=True, sync_affine_param=True, **common)
+    if kind == "per-rank-kmeans":
+        # each rank fits its own k-means (as the library with sync_kmeans=False): the ranks' EMA sizes differ, so
+        # the expiry must be decided together (else a rank skips its collective and the other hangs); the first
+        # expiry then hands every rank rank 0's state
+        return VectorQuantize(8, 16, sync_kmeans=False, **common)
+    sgd = lambda p: torch.optim.SGD(p, lr=0.5)  # noqa: E731
+    return VectorQuantize(8, 16, ema_update=False, learnable_codebook=True, in_place_codebook_optimizer=sgd, **common)
+
+
+def _vqpt_worker(rank, store, out_dir, kind):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    _init_group(rank, store)
+    try:
+        torch.manual_seed(100 + rank)  # each rank's own draws: the sync must not depend on them agreeing
+        layer = _make_vqpt(kind)
+        for step in range(VQPT_STEPS):
+            n = 0 if (kind == "separate-heads" and rank == 1 and step == 5) else 24 + 8 * rank
+            layer(_batch(step, rank, n, 8).view(1, n, 8))
+        torch.save(layer.state_dict(), os.path.join(out_dir, f"vqpt{rank}.pt"))
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    os._exit(0)  # see _worker
+
+
+def _spawn(tmp_path, target, *args):
+    ctx = mp.get_context("spawn")
+    store = _store(tmp_path)
+    procs = [ctx.Process(target=target, args=(r, store, str(tmp_path), *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung (time limit reached)"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+@pytest.mark.parametrize("kind", ["separate-heads", "shared-heads-affine", "in-place-optimizer", "per-rank-kmeans"])
+def test_vector_quantize_ranks_hold_identical_codebooks(tmp_path, kind):
+    """Each rank draws its own randomness and sees its own batches (one of them empty once): codebooks, EMA sizes
+    and sums (and affine moments) stay bit-identical (with sync_codebook=False they differ: checked by hand)."""
+    _spawn(tmp_path, _vqpt_worker, kind)
+    s0, s1 = (torch.load(tmp_path / f"vqpt{r}.pt") for r in range(2))
+    assert set(s0) == set(s1)
+    for key in s0:
+        assert torch.equal(s0[key], s1[key]), key
+    assert bool(s0["_codebook.initted"]) and float(s0["_codebook.embed"].abs().sum()) > 0
+    if kind == "shared-heads-affine":
+        assert "_codebook.batch_mean" in s0
+
+
+def _vqpt_det_worker(rank, store, out_dir):
+    torch.set_num_threads(1)
+    _init_group(rank, store)
+    try:
+        torch.manual_seed(7)  # the k-means draws happen on rank 0 only
+        layer = VectorQuantize(8, 16, kmeans_init=True, kmeans_iters=3)
+        for step in range(5):
+            layer(_batch(step, rank, 20, 8).view(1, 20, 8))
+        torch.save(layer.state_dict(), os.path.join(out_dir, f"vqpt-det{rank}.pt"))
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    os._exit(0)  # see _worker
+
+
+def test_vector_quantize_ema_equals_a_single_process_run(tmp_path):
+    """k-means on the gathered rows and the EMA of all-reduced sums and counts: as one process that sees the
+    concatenated batch."""
+    _spawn(tmp_path, _vqpt_det_worker)
+    got = torch.load(tmp_path / "vqpt-det0.pt")
+    torch.manual_seed(7)
+    ref = VectorQuantize(8, 16, kmeans_init=True, kmeans_iters=3)
+    for step in range(5):
+        ref(torch.cat([_batch(step, 0, 20, 8), _batch(step, 1, 20, 8)]).view(1, 40, 8))
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)

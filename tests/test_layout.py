@@ -85,7 +85,14 @@ def test_one_version_source():
 def test_layers_are_reexported_from_the_package_root():
     import vqkernels.nn as vnn
 
-    for name in ("VectorQuant", "GroupVectorQuant", "ResidualVectorQuant", "VectorQuantiser", "no_vq"):
+    for name in (
+        "VectorQuant",
+        "GroupVectorQuant",
+        "ResidualVectorQuant",
+        "VectorQuantiser",
+        "VectorQuantize",
+        "no_vq",
+    ):
         assert getattr(vqkernels, name) is getattr(vnn, name), name
     for name in ("nearest_code", "quantize", "code_stats", "sample_code", "Quantized", "METRICS"):
         assert getattr(vqkernels, name) is getattr(ops, name), name

@@ -6,11 +6,11 @@ the backends available here.
 
 - ops: :func:`nearest_code`, :func:`quantize`, :func:`code_stats`, :func:`sample_code` (:mod:`vqkernels.ops`);
 - layers: :class:`VectorQuant`, :class:`GroupVectorQuant`, :class:`ResidualVectorQuant`,
-  :class:`VectorQuantiser`, :func:`no_vq` (the same objects as in :mod:`vqkernels.nn`).
+  :class:`VectorQuantiser`, :class:`VectorQuantize`, :func:`no_vq` (the same objects as in :mod:`vqkernels.nn`).
 """
 
 from ._version import __version__
-from .nn import GroupVectorQuant, ResidualVectorQuant, VectorQuant, VectorQuantiser, no_vq
+from .nn import GroupVectorQuant, ResidualVectorQuant, VectorQuant, VectorQuantiser, VectorQuantize, no_vq
 from .ops import METRICS, Quantized, code_stats, nearest_code, quantize, sample_code
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "GroupVectorQuant",
     "ResidualVectorQuant",
     "VectorQuantiser",
+    "VectorQuantize",
     "no_vq",
     "__version__",
 ]

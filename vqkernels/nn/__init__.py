@@ -1,5 +1,6 @@
 """Drop-in VQ layers built on the fused ops: vqtorch-compatible ``VectorQuant``, ``GroupVectorQuant``,
-``ResidualVectorQuant`` and CVQ-VAE-compatible ``VectorQuantiser`` (README "Method" §2, §3)."""
+``ResidualVectorQuant``, CVQ-VAE-compatible ``VectorQuantiser`` (README "Method" §2, §3) and
+vector-quantize-pytorch-compatible ``VectorQuantize`` (README "vector-quantize-pytorch drop-in")."""
 
 from __future__ import annotations
 
@@ -12,8 +13,18 @@ from .group import GroupVectorQuant
 from .quantiser import VectorQuantiser
 from .residual import ResidualVectorQuant
 from .vector_quant import VectorQuant
+from .vector_quantize import LossBreakdown, VectorQuantize
 
-__all__ = ["VQBase", "VectorQuant", "GroupVectorQuant", "ResidualVectorQuant", "VectorQuantiser", "no_vq"]
+__all__ = [
+    "VQBase",
+    "VectorQuant",
+    "GroupVectorQuant",
+    "ResidualVectorQuant",
+    "VectorQuantiser",
+    "VectorQuantize",
+    "LossBreakdown",
+    "no_vq",
+]
 
 
 @contextmanager
@@ -24,7 +35,7 @@ def no_vq(module: nn.Module):
         >>> with no_vq(model):
         ...     y = model(x)  # no quantisation anywhere in model
     """
-    layers = [m for m in module.modules() if isinstance(m, VQBase)]
+    layers = [m for m in module.modules() if isinstance(m, (VQBase, VectorQuantize))]
     saved = [m.__dict__.get("enabled") for m in layers]
     for m in layers:
         m.enabled = False
