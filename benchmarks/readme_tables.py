@@ -159,6 +159,8 @@ def variant_tables(result: dict) -> list[str]:
 
 
 def layer_table(result: dict) -> str:
+    """One row per step (time relative to the ``vqkernels`` row), then the targets the run judged (a result from
+    before the ``VectorQuantize`` and 8-head rows has no ``targets`` lines of theirs)."""
     rows = result["rows"]
     base = next(r for r in rows if r["name"] == "vqkernels")
     n, k, d = base["N"], base["K"], base["D"]
@@ -169,12 +171,31 @@ def layer_table(result: dict) -> str:
             "—" if r["name"] == "vqkernels" else (f"{rel:.2g}× faster" if rel and rel >= 1 else _x(rel) + " its time")
         )
         out.append(f"| {r['name']} | {_ms(r['median_ms'])} | {what} | {r['verdict']} |")
+    targets = [t for t in result.get("targets", []) if "VectorQuantize" in t["text"] or "8 heads" in t["text"]]
+    if targets:
+        out += ["", "| target | met |", "|---|---|"]
+        out += [f"| {t['text']} | {'yes' if t['met'] else '**no**'} |" for t in targets]
     return "\n".join(out)
 
 
 def demo_table(result: dict) -> str:
-    """Test usage, perplexity and MSE per (data set, method) of ``python -m vqkernels.demo``."""
+    """Test usage, perplexity and MSE per (data set, method) of ``python -m vqkernels.demo``: mean ± std over the
+    seeds from its ``summary`` (one line per run for a result from before ``--seeds``)."""
     k = result["config"]["num_codes"]
+    if "summary" in result:
+        n = len(result["config"]["seeds"])
+        out = [
+            f"| data set | method | test usage ({n} seeds) | codes used | test perplexity | test MSE | train time |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in result["summary"]:
+            u, c, p, m = r["usage"], r["used_codes"], r["perplexity"], r["mse"]
+            out.append(
+                f"| {r['dataset']} | `{r['method']}` | {100 * u['mean']:.1f} ± {100 * u['std']:.1f}% | "
+                f"{c['mean']:.0f} ± {c['std']:.0f} / {k} | {p['mean']:.1f} ± {p['std']:.1f} | "
+                f"{m['mean']:.4f} ± {m['std']:.4f} | {r['train_time_s']['mean']:.0f} s |"
+            )
+        return "\n".join(out)
     out = [
         "| data set | method | test usage | codes used | test perplexity | test MSE | train time |",
         "|---|---|---|---|---|---|---|",

@@ -1,5 +1,6 @@
 """The layer benchmark of ``python -m vqkernels.bench_layer`` as a pytest-benchmark suite: one training step
-(forward + backward) of ``VectorQuant`` against the bare op, a vqtorch-style layer and vector-quantize-pytorch, fp32,
+(forward + backward) of ``VectorQuant`` and ``VectorQuantize`` against the bare op, a vqtorch-style layer,
+vector-quantize-pytorch and the 8-head rows, fp32,
 at N, K, D = 65536, 4096, 64 (``--vqk-shape`` replaces it). Every step must pass the CLI's check
 (:func:`vqkernels.bench.layer.check_step`: its codes under the precision rule of :mod:`vqkernels.testing`, its loss
 against fp64)."""
@@ -20,12 +21,12 @@ def pytest_generate_tests(metafunc):
 
 @pytest.mark.parametrize("name", layer.STEPS)
 def test_layer_step(benchmark, layer_shape, name, vqk_device):
-    if name == "vector-quantize-pytorch" and (why := vqp_missing()):
+    if name in layer.VQP_ROWS and (why := vqp_missing()):
         pytest.skip(why)
     x, cb0, makers = layer.make_steps(layer_shape, vqk_device, "auto")
     step = makers[name]()
     benchmark.group = "layer step " + ",".join(map(str, layer_shape))
-    codes, loss = benchmark(timed(step, vqk_device))
-    verdict = layer.check_step(x, cb0, codes, loss)
+    benchmark(timed(step, vqk_device))
+    verdict = layer.judge(name, x, cb0, *makers[name]()())  # the first step of a fresh layer (EMA moves codes)
     benchmark.extra_info["check"] = verdict.details
     assert verdict.ok, str(verdict)

@@ -17,6 +17,7 @@ from helpers import cpu_backends
 import vqkernels as vq
 from vqkernels import _ext, bench, dispatch, roofline, testing
 from vqkernels.bench import layer
+from vqkernels.bench import layer as layer_mod
 from vqkernels.ops import METRICS, Quantized, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +178,7 @@ def test_bench_presets_and_plot(tmp_path):
         bench.main(
             [
                 "--shape",
-                "300,70,8",
+                "304,70,8",
                 "--shape",
                 "300,140,8",
                 "--dtype",
@@ -389,7 +390,7 @@ def _run_suites(*extra, env=None):
         "-p",
         "no:cacheprovider",
         "--vqk-shape",
-        "300,70,8",
+        "304,70,8",
         "--vqk-dtype",
         "fp32,bf16",
         *extra,
@@ -407,7 +408,7 @@ def test_benchmark_suites_run_and_check():
     # and vector-quantize-pytorch
     vqp = bench.vqp_missing() is None
     ops = 2 * (3 * (4 + backends) + 1 + vqp)
-    layer = 3 + vqp
+    layer = len(layer_mod.STEPS) - (0 if vqp else len(layer_mod.VQP_ROWS))
     assert f"{ops + layer} passed" in out.stdout, out.stdout[-2000:]
 
 
@@ -419,7 +420,7 @@ def test_benchmark_suites_run_without_the_plugin(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = _run_suites("-p", "no:benchmark", "--benchmark-only", "--vqk-metric", "l2", "-s", env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "300,70,8 fp32 l2 test_quantize[300x70x8-fp32-l2-cpu]: median" in out.stdout
+    assert "304,70,8 fp32 l2 test_quantize[304x70x8-fp32-l2-cpu]: median" in out.stdout
 
 
 def test_check_quantized_judges_the_structure_then_the_oracle():
@@ -447,12 +448,25 @@ def test_layer_bench_quick_json(tmp_path):
     assert set(result) == {"machine", "config", "rows", "targets"}
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == list(layer.STEPS)
-    for name in ("vqkernels", "quantize op + loss", "vqtorch-style"):
+    n = layer.QUICK_SHAPES[0][0]
+    ours = ["vqkernels", "quantize op + loss", "vqtorch-style", "VectorQuantize (defaults)"]
+    ours += ["quantize op + commitment loss", "8 heads: batched op + loss", "8 heads: per-head loop"]
+    ours += ["8 heads: VectorQuantize"]
+    for name in ours + ([name for name in layer.VQP_ROWS] if bench.vqp_missing() is None else []):
         r = rows[name]
         assert r["verdict"] == "PASS" and r["median_ms"] > 0, r
-        assert set(r["check"]) == {"rows", "max_regret", "allowed_regret", "loss_rel_err"}
-        assert r["check"]["rows"] == min(layer.QUICK_SHAPES[0][0], bench.CHECK_ROWS)
-    x, cb0, makers = layer.make_steps((300, 40, 8), "cpu", "torch")
+        if name.startswith("8 heads"):  # head 0's codes against head 0's rows and codebook
+            assert set(r["check"]) == {"rows", "max_regret", "allowed_regret"}
+            assert r["check"]["rows"] == min(n // layer.HEADS, bench.CHECK_ROWS)
+        elif name != "vector-quantize-pytorch":  # every other loss is the mse of the chosen codes
+            assert set(r["check"]) == {"rows", "max_regret", "allowed_regret", "loss_rel_err"}
+            assert r["check"]["rows"] == min(n, bench.CHECK_ROWS)
+    # the 8-head rows search the same codes, batched or in a loop
+    x, cb0, makers = layer.make_steps((256, 40, 8), "cpu", "torch")
+    batched, loop = makers["8 heads: batched op + loss"]()(), makers["8 heads: per-head loop"]()()
+    assert batched[0].shape == (layer.HEADS, 256 // layer.HEADS) and torch.equal(batched[0], loop[0])
+    assert torch.allclose(batched[1], loop[1])
+    x, cb0, makers = layer.make_steps((304, 40, 8), "cpu", "torch")
     codes, loss = makers["vqtorch-style"]()()
     assert layer.check_step(x, cb0, codes, loss).ok
     v = layer.check_step(x, cb0, (codes + 20) % 40, loss)

@@ -11,14 +11,16 @@ import torch
 from vqkernels import demo
 from vqkernels.demo import data as demo_data
 from vqkernels.demo.train import DEFAULT_STEPS, QUICK_STEPS
-from vqkernels.nn import VectorQuantiser
+from vqkernels.nn import VectorQuantiser, VectorQuantize
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One ``--quick`` run of every data set and method: (results, JSON payload, PNG path)."""
+    """One ``--quick`` run of every data set and method, two seeds: (results, JSON payload, PNG path)."""
     out = tmp_path_factory.mktemp("demo")
-    results = demo.main(["--quick", "--json", out / "sub" / "demo.json", "--plot", out / "demo.png"])
+    results = demo.main(
+        ["--quick", "--seeds", "2", "--seed", "5", "--json", out / "sub" / "demo.json", "--plot", out / "demo.png"]
+    )
     return results, json.loads((out / "sub" / "demo.json").read_text()), out / "demo.png"
 
 
@@ -28,10 +30,12 @@ def test_quick_run_writes_every_run(quick):
     for key in ("vqkernels", "torch", "threads", "device", "device_name", "git_commit", "date"):
         assert key in payload["machine"]
     cfg = payload["config"]
-    assert cfg["steps"] == QUICK_STEPS and cfg["seed"] == 0 and cfg["device"] == "cpu"
+    assert cfg["steps"] == QUICK_STEPS and cfg["seeds"] == [5, 6] and cfg["device"] == "cpu"
     k = cfg["num_codes"]
     runs = payload["runs"]
-    assert [(r["dataset"], r["method"]) for r in runs] == [(d, m) for d in demo.DATASETS for m in demo.METHODS]
+    assert [(r["seed"], r["dataset"], r["method"]) for r in runs] == [
+        (s, d, m) for s in (5, 6) for d in demo.DATASETS for m in demo.METHODS
+    ]
     assert len(results) == len(runs)
     for r in runs:
         t = r["test"]
@@ -46,10 +50,21 @@ def test_quick_run_writes_every_run(quick):
         assert all(0 < u <= 1 for u in c["usage"]) and all(m > 0 for m in c["train_mse"])
     # one seed: the same encoder/decoder start for every method, so layers with equal initial codes (plain and
     # vqtorch: affine starts as the identity; the three CVQ anchors) start from the same test error
-    for d in demo.DATASETS:
-        init = {r["method"]: r["init_test_mse"] for r in runs if r["dataset"] == d}
-        assert init["plain"] == init["vqtorch"]
-        assert init["cvq-closest"] == init["cvq-random"] == init["cvq-probrandom"]
+    for s in (5, 6):
+        for d in demo.DATASETS:
+            init = {r["method"]: r["init_test_mse"] for r in runs if r["dataset"] == d and r["seed"] == s}
+            assert init["plain"] == init["vqtorch"] == init["ema"] == init["rotation"]
+            assert init["cvq-closest"] == init["cvq-random"] == init["cvq-probrandom"]
+    # the summary: mean and sample std over the two seeds of each (data set, method), recomputed from the runs
+    summary = payload["summary"]
+    assert [(r["dataset"], r["method"]) for r in summary] == [(d, m) for d in demo.DATASETS for m in demo.METHODS]
+    for row in summary:
+        mine = [r for r in runs if r["dataset"] == row["dataset"] and r["method"] == row["method"]]
+        assert row["seeds"] == [5, 6]
+        for key in ("usage", "perplexity", "mse"):
+            v = np.array([r["test"][key] for r in mine])
+            assert row[key]["mean"] == pytest.approx(v.mean()) and row[key]["std"] == pytest.approx(v.std(ddof=1))
+        assert row["mse"]["std"] > 0  # two seeds train two different models
 
 
 def _recount(model, x):
@@ -63,6 +78,9 @@ def _recount(model, x):
         if isinstance(q, VectorQuantiser):
             cb = q.embedding.weight.double()
             key = -(torch.nn.functional.normalize(rows, dim=1) @ torch.nn.functional.normalize(cb, dim=1).T)
+        elif isinstance(q, VectorQuantize):  # vector-quantize-pytorch's defaults: l2, no projection
+            cb = q.codebook.detach().double()
+            key = torch.cdist(rows, cb)
         else:
             cb = q.get_codebook().double()
             key = torch.cdist(rows, cb)
@@ -126,7 +144,7 @@ def test_evaluate_on_a_tiny_model():
 
 def test_same_seed_same_numbers_and_another_seed_differs():
     def numbers(seed):
-        results = demo.main(["--quick", "--datasets", "digits", "--seed", seed])
+        results = demo.main(["--quick", "--datasets", "digits", "--seed", seed, "--seeds", "1"])
         return [
             (
                 r.method,
@@ -181,9 +199,10 @@ def test_data_splits():
         ["--steps", "ten"],
         ["--datasets", "mnist"],
         ["--datasets", ""],
-        ["--methods", "plain,ema"],
+        ["--methods", "plain,emma"],
         ["--methods", ","],
         ["--seed", "-1"],
+        ["--seeds", "0"],
         ["--device", "tpu"],
         ["--backend", "numpy"],
         ["--backend", "cpu", "--device", "cuda"],

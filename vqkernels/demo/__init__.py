@@ -12,22 +12,29 @@ grid of latent vectors per image) and differs only in its quantiser:
 - ``plain``: ``VectorQuant`` with the straight-through estimator and nothing else;
 - ``vqtorch``: ``VectorQuant`` with the three fixes of Huh et al. (ICML 2023): affine re-parameterisation,
   synchronised update and alternating optimisation, with the values of the vqtorch repository;
+- ``ema``: ``VectorQuant`` whose codebook is the EMA of its clusters (VQ-VAE, van den Oord et al. 2017, app. A.1,
+  decay 0.99), straight-through otherwise;
+- ``rotation``: ``VectorQuant`` with the rotation-trick estimator (Fifty et al. 2024) instead of straight-through;
+- ``vq-pytorch``: ``VectorQuantize`` with vector-quantize-pytorch's defaults (EMA with decay 0.8, rotation trick,
+  commitment weight 1);
 - ``cvq-closest``, ``cvq-random``, ``cvq-probrandom``: CVQ-VAE's ``VectorQuantiser`` (Zheng & Vedaldi, ICCV 2023)
   with each anchor kind and CVQ-VAE's defaults.
 
-Reported per (data set, method): codebook usage over the test set (fraction of the K codes used at least once),
-test perplexity, test reconstruction MSE and training time; the JSON also holds the training curves.
+Every run is repeated for ``--seeds`` seeds (default 3; the seed moves the initial weights and the batch order).
+Reported per (data set, method), as mean ± standard deviation over the seeds: codebook usage over the test set
+(fraction of the K codes used at least once), test perplexity, test reconstruction MSE and training time; the JSON
+holds every run (with its training curves) and the summary.
 
 Examples::
 
-    python -m vqkernels.demo --json build/demo/demo.json --plot build/demo/demo.png   # a few minutes on 2 cores
-    python -m vqkernels.demo --datasets digits --methods plain,cvq-closest --steps 300
-    python -m vqkernels.demo --quick                                                 # seconds (tests)
+    python -m vqkernels.demo --json build/demo/demo.json --plot build/demo/demo.png   # < 10 minutes on 2 cores
+    python -m vqkernels.demo --datasets digits --methods plain,ema --steps 300 --seeds 5
+    python -m vqkernels.demo --quick --seeds 1                                       # seconds (tests)
 """
 
 from .cli import main, parse_args
 from .data import DATASETS, Dataset, load_dataset
-from .train import METHODS, Config, RunResult, VQAutoEncoder, evaluate, make_quantiser, run, train_one
+from .train import METHODS, Config, RunResult, VQAutoEncoder, evaluate, make_quantiser, run, summarise, train_one
 
 __all__ = [
     "DATASETS",
@@ -42,5 +49,6 @@ __all__ = [
     "make_quantiser",
     "parse_args",
     "run",
+    "summarise",
     "train_one",
 ]

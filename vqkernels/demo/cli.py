@@ -14,7 +14,7 @@ from ..dispatch import BACKENDS, select
 from . import __doc__ as DOC
 from .data import DATASETS
 from .report import header_line, plot, print_table, write_json
-from .train import DEFAULT_STEPS, METHODS, QUICK_STEPS, Config, RunResult, run
+from .train import DEFAULT_SEEDS, DEFAULT_STEPS, METHODS, QUICK_STEPS, Config, RunResult, run
 
 
 def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -59,7 +59,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=list(METHODS),
         help=f"comma list of {','.join(METHODS)} (default all)",
     )
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="initial weights and batch order (default 0)")
+    p.add_argument(
+        "--seed", type=_int_at_least(0), default=0, help="first seed: initial weights and batch order (default 0)"
+    )
+    p.add_argument(
+        "--seeds",
+        type=_int_at_least(1),
+        default=DEFAULT_SEEDS,
+        help=f"number of seeds, from --seed on; the table gives mean +- std over them (default {DEFAULT_SEEDS})",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--backend", choices=("auto", *BACKENDS), default="auto", help="backend of the vqkernels ops (default auto)"
@@ -84,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     args = parse_args(argv)
     cfg = Config(steps=args.steps, seed=args.seed, device=args.device, backend=args.backend)
     machine = machine_info(args.device)
-    data, results = run(args.datasets, args.methods, cfg)
-    header = header_line(machine, cfg)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    data, results = run(args.datasets, args.methods, cfg, seeds)
+    header = header_line(machine, cfg, seeds)
     print_table(results, header, cfg.num_codes)
     for path in (args.json, args.plot):
         if path is not None:

@@ -14,49 +14,47 @@ import torch
 
 from ..dispatch import select
 from .data import Dataset
-from .train import METHODS, Config, RunResult
+from .train import METHODS, Config, RunResult, summarise
 
-COLUMNS = (
-    "dataset",
-    "method",
-    "test usage",
-    "codes used",
-    "test perplexity",
-    "test MSE",
-    "untrained MSE",
-    "train time",
-)
+COLUMNS = ("dataset", "method", "seeds", "test usage", "codes used", "test perplexity", "test MSE", "train time")
 
 
-def format_row(r: RunResult, num_codes: int) -> list[str]:
-    t = r.test
+def _pm(stat: dict[str, float], fmt: str, scale: float = 1.0, unit: str = "") -> str:
+    """``mean ± std`` of a summary entry."""
+    return f"{format(scale * stat['mean'], fmt)} ± {format(scale * stat['std'], fmt)}{unit}"
+
+
+def format_row(row: dict[str, Any], num_codes: int) -> list[str]:
+    """One line of the table from a :func:`vqkernels.demo.train.summarise` entry (mean ± std over seeds)."""
     return [
-        r.dataset,
-        r.method,
-        f"{100 * t['usage']:.1f}%",
-        f"{t['used_codes']}/{num_codes}",
-        f"{t['perplexity']:.1f}",
-        f"{t['mse']:.5f}",
-        f"{r.init_test_mse:.5f}",
-        f"{r.train_time_s:.1f} s",
+        row["dataset"],
+        row["method"],
+        str(len(row["seeds"])),
+        _pm(row["usage"], ".1f", 100.0, "%"),
+        f"{_pm(row['used_codes'], '.0f')}/{num_codes}",
+        _pm(row["perplexity"], ".1f"),
+        _pm(row["mse"], ".4f"),
+        f"{row['train_time_s']['mean']:.0f} s",
     ]
 
 
-def header_line(machine: dict[str, Any], cfg: Config) -> str:
+def header_line(machine: dict[str, Any], cfg: Config, seeds: list[int] | None = None) -> str:
     """One line saying what ran where: version, commit, date, device, threads, torch, load and the budget."""
     m = machine
     return (
         f"vqkernels {m['vqkernels']} @ {m['git_commit'] or 'unknown commit'} | {m['date']} | "
         f"{m['device']}: {m['device_name']} | threads {m['threads']} | torch {m['torch']} | "
         f"load {m['loadavg_1m']} | backend {select(cfg.backend, torch.device(cfg.device))} | "
-        f"steps {cfg.steps} x batch {cfg.batch_size} | K {cfg.num_codes} | D {cfg.code_dim} | seed {cfg.seed}"
+        f"steps {cfg.steps} x batch {cfg.batch_size} | K {cfg.num_codes} | D {cfg.code_dim} | "
+        f"seeds {','.join(str(s) for s in (seeds or [cfg.seed]))}"
     )
 
 
 def print_table(results: list[RunResult], header: str, num_codes: int) -> None:
-    """The header line, then a rich table when rich imports, else aligned plain text."""
+    """The header line, then (mean ± std over seeds per data set and method) a rich table when rich imports, else
+    aligned plain text."""
     print(header)
-    cells = [format_row(r, num_codes) for r in results]
+    cells = [format_row(r, num_codes) for r in summarise(results)]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -96,11 +94,19 @@ def plot(results: list[RunResult], datasets: dict[str, Dataset], path: Path, tit
     outer = fig.add_gridspec(len(names), 3, width_ratios=[1, 1, 1.15])
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
     for i, name in enumerate(names):
-        data, runs = datasets[name], [r for r in results if r.dataset == name]
+        data, all_runs = datasets[name], [r for r in results if r.dataset == name]
+        first_seed = all_runs[0].seed
+        runs = [r for r in all_runs if r.seed == first_seed]  # the reconstructions shown: the first seed's
         ax_use, ax_mse = fig.add_subplot(outer[i, 0]), fig.add_subplot(outer[i, 1])
-        for r in runs:
-            ax_use.plot(r.curves["step"], r.curves["usage"], color=colors[r.method], label=r.method)
-            ax_mse.plot(r.curves["step"], r.curves["train_mse"], color=colors[r.method], label=r.method)
+        for method in dict.fromkeys(r.method for r in all_runs):
+            seeds = [r for r in all_runs if r.method == method]
+            steps = seeds[0].curves["step"]
+            for ax, key in ((ax_use, "usage"), (ax_mse, "train_mse")):
+                curves = np.array([r.curves[key] for r in seeds])  # [seeds, points]
+                ax.plot(steps, curves.mean(0), color=colors[method], label=method)
+                if len(seeds) > 1:  # +- one standard deviation over seeds
+                    sd = curves.std(0, ddof=1)
+                    ax.fill_between(steps, curves.mean(0) - sd, curves.mean(0) + sd, color=colors[method], alpha=0.15)
         window = runs[0].curves["step"][0]
         ax_use.set(
             title=f"{name}: codebook usage during training",
@@ -120,7 +126,10 @@ def plot(results: list[RunResult], datasets: dict[str, Dataset], path: Path, tit
 
         rows, cols, gap = data.show_grid
         pics = [("test images", mosaic(data.test[data.show].numpy(), rows, cols, gap))]
-        pics += [(f"{r.method}  (test MSE {r.test['mse']:.4f})", mosaic(r.recon, rows, cols, gap)) for r in runs]
+        pics += [
+            (f"{r.method}  (seed {r.seed}, test MSE {r.test['mse']:.4f})", mosaic(r.recon, rows, cols, gap))
+            for r in runs
+        ]
         h, w = pics[0][1].shape[:2]
         wide = w >= 3 * h  # strips stack in one column with side labels; squarer pictures go in a grid
         grid = (len(pics), 1) if wide else (2, math.ceil(len(pics) / 2))
@@ -144,9 +153,11 @@ def plot(results: list[RunResult], datasets: dict[str, Dataset], path: Path, tit
 def write_json(
     path: Path, machine: dict[str, Any], cfg: Config, datasets: dict[str, Dataset], results: list[RunResult]
 ) -> None:
-    """``{"machine", "config", "datasets", "runs"}``, every number as measured."""
+    """``{"machine", "config", "datasets", "runs", "summary"}``, every number as measured; ``summary`` holds the
+    mean and standard deviation over seeds per data set and method."""
     config = {
         **asdict(cfg),
+        "seeds": sorted({r.seed for r in results}),
         "log_every": cfg.log_every,
         "optimizer": "Adam",
         "loss": "mse(recon, x) / var(train x) + vq loss of the layer",
@@ -156,5 +167,6 @@ def write_json(
         "config": config,
         "datasets": {n: d.description for n, d in datasets.items()},
         "runs": [r.to_json() for r in results],
+        "summary": summarise(results),
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -1,22 +1,23 @@
-"""The autoencoder, the five quantisers, the training loop and the test statistics."""
+"""The autoencoder, the quantisers, the training loop and the test statistics."""
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn import VectorQuant, VectorQuantiser
+from ..nn import VectorQuant, VectorQuantiser, VectorQuantize
 from ..nn.functional import perplexity
 from .data import Dataset, load_dataset
 
-METHODS = ("plain", "vqtorch", "cvq-closest", "cvq-random", "cvq-probrandom")
-DEFAULT_STEPS = 1000  # all ten runs in about 3.5 minutes on 2 cores
+METHODS = ("plain", "vqtorch", "ema", "rotation", "vq-pytorch", "cvq-closest", "cvq-random", "cvq-probrandom")
+DEFAULT_STEPS = 500  # 8 methods x 2 data sets x 3 seeds in under 10 minutes on 2 cores
+DEFAULT_SEEDS = 3
 QUICK_STEPS = 12
 NUM_CURVE_POINTS = 50  # log points per run; the usage window is the steps between two points
 
@@ -40,6 +41,7 @@ class Config:
     vqtorch_inplace_momentum: float = 0.9
     cvq_beta: float = 0.25  # CVQ-VAE's defaults (its README trains with --distance cos)
     cvq_distance: str = "cos"
+    ema_decay: float = 0.99  # VQ-VAE's EMA (van den Oord et al. 2017, app. A.1; Razavi et al. 2019)
     device: str = "cpu"
     backend: str = "auto"
 
@@ -79,6 +81,8 @@ class VQAutoEncoder(nn.Module):
         z = self.encoder(x)
         if isinstance(self.quantiser, VectorQuantiser):
             z_q, loss, (_, _, codes) = self.quantiser(z)
+        elif isinstance(self.quantiser, VectorQuantize):
+            z_q, codes, loss = self.quantiser(z)
         else:
             z_q, out = self.quantiser(z)
             loss, codes = out["loss"], out["q"][..., 0]
@@ -90,12 +94,19 @@ def make_quantiser(method: str, cfg: Config) -> nn.Module:
     k, d, backend = cfg.num_codes, cfg.code_dim, cfg.backend
     if method == "plain":
         return VectorQuant(d, k, beta=cfg.plain_beta, dim=1, backend=backend)
+    if method == "ema":
+        # the codebook follows the EMA of its clusters; the loss keeps plain's commitment weight (1 - beta)
+        return VectorQuant(d, k, beta=cfg.plain_beta, ema_update=True, decay=cfg.ema_decay, dim=1, backend=backend)
+    if method == "rotation":
+        return VectorQuant(d, k, beta=cfg.plain_beta, rotation_trick=True, dim=1, backend=backend)
+    if method == "vq-pytorch":
+        # vector-quantize-pytorch's defaults: EMA (decay 0.8), rotation trick, commitment weight 1
+        return VectorQuantize(dim=d, codebook_size=k, accept_image_fmap=True, backend=backend)
     if method == "vqtorch":
         # alternating optimisation needs beta = 1: no commitment term, the codes chase the encoder instead; the
-        # in-place SGD steps the codebook only (the layer's default, as in vqtorch)
-        def opt(params):
-            return torch.optim.SGD(params, lr=cfg.vqtorch_inplace_lr, momentum=cfg.vqtorch_inplace_momentum)
-
+        # in-place SGD steps the codebook only (the layer's default, as vqtorch)
+        lr, momentum = cfg.vqtorch_inplace_lr, cfg.vqtorch_inplace_momentum
+        opt = lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)  # noqa: E731
         return VectorQuant(
             d,
             k,
@@ -152,6 +163,7 @@ class RunResult:
 
     dataset: str
     method: str
+    seed: int
     quantiser: str
     test: dict[str, Any]
     init_test_mse: float
@@ -165,6 +177,7 @@ class RunResult:
         return {
             "dataset": self.dataset,
             "method": self.method,
+            "seed": self.seed,
             "quantiser": self.quantiser,
             "test": test,
             "init_test_mse": self.init_test_mse,
@@ -238,10 +251,39 @@ def train_one(data: Dataset, method: str, cfg: Config) -> RunResult:
     with torch.no_grad():
         model.eval()
         recon = model(data.test[data.show].to(dev))[0].clamp(0, 1).cpu().numpy()
-    return RunResult(data.name, method, repr(model.quantiser), test, init_mse, train_time, curves, model, recon)
+    return RunResult(
+        data.name, method, cfg.seed, repr(model.quantiser), test, init_mse, train_time, curves, model, recon
+    )
 
 
-def run(datasets: Sequence[str], methods: Sequence[str], cfg: Config) -> tuple[dict[str, Dataset], list[RunResult]]:
-    """Every (data set, method) run, data set by data set."""
+def run(
+    datasets: Sequence[str], methods: Sequence[str], cfg: Config, seeds: Sequence[int] | None = None
+) -> tuple[dict[str, Dataset], list[RunResult]]:
+    """Every (seed, data set, method) run, seed by seed (``seeds`` default: ``[cfg.seed]``)."""
     data = {name: load_dataset(name, cfg.split_seed) for name in datasets}
-    return data, [train_one(data[d], m, cfg) for d in datasets for m in methods]
+    seeds = [cfg.seed] if seeds is None else list(seeds)
+    runs = [train_one(data[d], m, replace(cfg, seed=s)) for s in seeds for d in datasets for m in methods]
+    return data, runs
+
+
+def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Per (data set, method), in run order: the number of seeds and the mean and sample standard deviation over
+    seeds of test usage, test perplexity, test MSE and training time (std 0 for one seed)."""
+    groups: dict[tuple[str, str], list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.dataset, r.method), []).append(r)
+    out = []
+    for (dataset, method), runs in groups.items():
+        row: dict[str, Any] = {"dataset": dataset, "method": method, "seeds": [r.seed for r in runs]}
+        values = {
+            "usage": [r.test["usage"] for r in runs],
+            "used_codes": [r.test["used_codes"] for r in runs],
+            "perplexity": [r.test["perplexity"] for r in runs],
+            "mse": [r.test["mse"] for r in runs],
+            "train_time_s": [r.train_time_s for r in runs],
+        }
+        for key, v in values.items():
+            a = np.asarray(v, dtype=np.float64)
+            row[key] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+        out.append(row)
+    return out
