@@ -195,27 +195,23 @@ def vqp_step(x: Tensor, cb0: Tensor, g: Tensor) -> Step:
 def vq_defaults_step(x: Tensor, cb0: Tensor, g: Tensor, backend: str, heads: int = 1) -> Step:
     """Our :class:`vqkernels.nn.VectorQuantize` with vector-quantize-pytorch's defaults (EMA, rotation trick) holding
     ``cb0`` (``[K, D]``, or ``[heads, K, D]`` with separate codebooks); ``x [N, heads * D]``."""
-    d = cb0.shape[-1]
-    layer = _vq_layer(VectorQuantize, d, cb0, heads, backend=backend)
-
-    def step():
-        x.grad = None
-        quantized, codes, loss = layer(x[None])
-        ((quantized[0] * g).sum() + loss).backward()
-        return codes[0].T if heads > 1 else codes[0], loss
-
-    return step
+    return _vq_layer_step(_vq_layer(VectorQuantize, cb0.shape[-1], cb0, heads, backend=backend), x, g, heads)
 
 
 def vqp_defaults_step(x: Tensor, cb0: Tensor, g: Tensor, heads: int = 1) -> Step:
     """vector-quantize-pytorch's ``VectorQuantize`` with its defaults (EMA, rotation trick) holding ``cb0``."""
     from vector_quantize_pytorch import VectorQuantize as TheirVectorQuantize  # optional: the bench extra
 
-    layer = _vq_layer(TheirVectorQuantize, cb0.shape[-1], cb0, heads)
+    return _vq_layer_step(_vq_layer(TheirVectorQuantize, cb0.shape[-1], cb0, heads), x, g, heads)
+
+
+def _vq_layer_step(vq, x: Tensor, g: Tensor, heads: int) -> Step:
+    """One training step of a ``VectorQuantize`` (either) on ``x [N, heads * D]`` as one ``[1, N, heads * D]`` batch;
+    the codes come back ``[N]``, or ``[heads, N]`` with heads."""
 
     def step():
         x.grad = None
-        quantized, codes, loss = layer(x[None])
+        quantized, codes, loss = vq(x[None])
         ((quantized[0] * g).sum() + loss).backward()
         return codes[0].T if heads > 1 else codes[0], loss
 
