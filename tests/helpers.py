@@ -15,6 +15,7 @@ __all__ = [
     "DTYPES",
     "METRICS",
     "OPS",
+    "RULES_OFF",
     "backend_devices",
     "brute_distances",
     "check_search",
@@ -28,6 +29,21 @@ __all__ = [
 
 DTYPES = FLOAT_DTYPES
 OPS = dispatch.OPS
+
+# every codebook-rule option of the layers at its default (README "Method" §2.9-§2.14)
+RULES_OFF = dict(
+    ema_update=False,
+    decay=0.99,
+    eps=1e-5,
+    threshold_ema_dead_code=0,
+    rotation_trick=False,
+    stochastic_sample_codes=False,
+    sample_codebook_temp=1.0,
+    orthogonal_reg_weight=0.0,
+    orthogonal_reg_active_codes_only=False,
+    orthogonal_reg_max_codes=None,
+    codebook_dim=None,
+)
 
 
 def backend_devices() -> list[tuple[str, str]]:

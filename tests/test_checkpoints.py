@@ -3,6 +3,7 @@ names, and what earlier vqkernels versions saved), and a saved state round-trips
 
 import pytest
 import torch
+from helpers import RULES_OFF
 
 from vqkernels.nn import GroupVectorQuant, ResidualVectorQuant, VectorQuant, VectorQuantiser
 
@@ -98,20 +99,6 @@ CONFIGS = {
     ),
 }
 
-# every codebook-rule option at its default
-RULES_OFF = dict(
-    ema_update=False,
-    decay=0.99,
-    eps=1e-5,
-    threshold_ema_dead_code=0,
-    rotation_trick=False,
-    stochastic_sample_codes=False,
-    sample_codebook_temp=1.0,
-    orthogonal_reg_weight=0.0,
-    orthogonal_reg_active_codes_only=False,
-    orthogonal_reg_max_codes=None,
-    codebook_dim=None,
-)
 ORIGINAL = ["vq_full", "vq_running", "group", "residual", "cvq"]
 
 

@@ -69,11 +69,10 @@ def _worker(rank, store, out_dir, kind, anchor, empty_rank, train, opts):
     os._exit(0)
 
 
-def _run(tmp_path, kind="vq", anchor="closest", empty_rank=-1, train=True, opts=None):
+def _spawn(tmp_path, target, *args):
     ctx = mp.get_context("spawn")
     store = _store(tmp_path)
-    args = (store, str(tmp_path), kind, anchor, empty_rank, train, opts or {})
-    procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, store, str(tmp_path), *args)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -83,6 +82,10 @@ def _run(tmp_path, kind="vq", anchor="closest", empty_rank=-1, train=True, opts=
         p.kill()
     assert not alive, "a rank hung (time limit reached)"
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def _run(tmp_path, kind="vq", anchor="closest", empty_rank=-1, train=True, opts=None):
+    _spawn(tmp_path, _worker, kind, anchor, empty_rank, train, opts or {})
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
@@ -225,21 +228,6 @@ def _vqpt_worker(rank, store, out_dir, kind):
         dist.destroy_process_group()
         raise
     os._exit(0)  # see _worker
-
-
-def _spawn(tmp_path, target, *args):
-    ctx = mp.get_context("spawn")
-    store = _store(tmp_path)
-    procs = [ctx.Process(target=target, args=(r, store, str(tmp_path), *args)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung (time limit reached)"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
 @pytest.mark.parametrize("kind", ["separate-heads", "shared-heads-affine", "in-place-optimizer", "per-rank-kmeans"])

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import brute_distances
+from helpers import RULES_OFF, brute_distances
 
 from vqkernels import ops
 from vqkernels.nn import GroupVectorQuant, ResidualVectorQuant, VectorQuant, VectorQuantiser
@@ -573,20 +573,7 @@ def test_bad_option_values_name_the_argument(name, kwargs, match):
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_options_off_change_nothing(name):
     """Every option at its default, given explicitly: the same state_dict, outputs and gradients as without."""
-    defaults = dict(
-        ema_update=False,
-        decay=0.99,
-        eps=1e-5,
-        threshold_ema_dead_code=0,
-        rotation_trick=False,
-        stochastic_sample_codes=False,
-        sample_codebook_temp=1.0,
-        orthogonal_reg_weight=0.0,
-        orthogonal_reg_active_codes_only=False,
-        orthogonal_reg_max_codes=None,
-        codebook_dim=None,
-    )
-    a, b = _make(name), _make(name, **defaults)
+    a, b = _make(name), _make(name, **RULES_OFF)
     assert list(a.state_dict()) == list(b.state_dict())
     x = _x(name)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)

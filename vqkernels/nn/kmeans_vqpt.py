@@ -34,20 +34,6 @@ from .ema import NORM_EPS, sample_rows
 KMEANS_MAX_ROWS = 1 << 16  # rows gathered over ranks for the fit (a uniform sample of each rank's share)
 
 
-def _search(rows: Tensor, means: Tensor, metric: str, backend: str) -> Tensor:
-    """Codes ``[G, n]`` of ``rows [G, n, D]`` against ``means [G, K, D]`` (a 2-D search when G = 1)."""
-    if rows.shape[0] == 1:
-        return ops.nearest_code(rows[0], means[0], metric=metric, backend=backend)[0].unsqueeze(0)
-    return ops.nearest_code(rows, means, metric=metric, backend=backend)[0]
-
-
-def _stats(rows: Tensor, codes: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor]:
-    if rows.shape[0] == 1:
-        sums, counts = ops.code_stats(rows[0], codes[0], k, backend=backend)
-        return sums.unsqueeze(0), counts.unsqueeze(0)
-    return ops.code_stats(rows, codes, k, backend=backend)
-
-
 @torch.no_grad()
 def lloyd(rows: Tensor, num_codes: int, iters: int, cosine: bool, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """The fit of the module docstring: ``rows [G, n >= 1, D]`` (unit rows for cosine) -> ``(means [G, K, D],
@@ -66,8 +52,8 @@ def lloyd(rows: Tensor, num_codes: int, iters: int, cosine: bool, backend: str =
     metric = "dot" if cosine else "l2"  # on unit rows, the largest x.m (as vector-quantize-pytorch ranks them)
     counts = None
     for _ in range(iters):
-        codes = _search(work, means, metric, backend)
-        sums, counts = _stats(work, codes, num_codes, backend)
+        codes = ops.nearest_code(work, means, metric=metric, backend=backend)[0]  # batched: [G, n]
+        sums, counts = ops.code_stats(work, codes, num_codes, backend=backend)
         counts = counts.to(work.dtype)
         new = sums.to(work.dtype) / counts.clamp_min(1).unsqueeze(-1)
         if cosine:
