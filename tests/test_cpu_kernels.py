@@ -158,7 +158,9 @@ def test_row_strided_codebook_is_read_in_place():
         ("fp32", "neon", 256, "brgemm,neon"),
         ("fp64", "avx2,avx512", 256, "mm,scalar"),
         # few rows: the GEMV kernel on vector CPUs, whatever the bf16 tiles
-        ("bf16", "avx2,avx512,avx512bf16,amx_bf16", 8, "gemv,avx512"),
+        ("bf16", "avx2,avx512,avx512bf16,amx_bf16", 8, "gemv-avx512bf16,avx512"),
+        ("bf16", "avx2,avx512", 1, "gemv,avx512"),
+        ("fp16", "avx2,avx512,avx512bf16", 1, "gemv,avx512"),
         ("fp32", "avx2", 1, "gemv,avx2"),
         ("fp32", "", 1, "brgemm,scalar"),
         ("fp64", "avx2,avx512", 1, "mm,scalar"),
@@ -174,6 +176,11 @@ def test_overrides_and_their_errors(monkeypatch):
     assert _ext.C.cpu_choose("fp32", "avx2,avx512", 256, None, "scalar") == "brgemm,scalar"
     with pytest.raises(RuntimeError, match="no AVX512-BF16"):
         _ext.C.cpu_choose("bf16", "avx2", 256, "avx512bf16")
+    # the GEMV's vdpbf16ps form: bf16 only (other dtypes keep the GEMV kernel they have), and only with AVX512-BF16
+    assert _ext.C.cpu_choose("bf16", "avx2,avx512,avx512bf16", 3, "gemv") == "gemv,avx512"
+    assert _ext.C.cpu_choose("fp32", "avx2,avx512,avx512bf16", 3, "gemv-avx512bf16") == "gemv,avx512"
+    with pytest.raises(RuntimeError, match="gemv-avx512bf16 but this CPU has no AVX512-BF16"):
+        _ext.C.cpu_choose("bf16", "avx2,avx512", 3, "gemv-avx512bf16")
     with pytest.raises(RuntimeError, match="cannot run it"):
         _ext.C.cpu_choose("fp32", "avx2", 256, None, "avx512")
     with pytest.raises(ValueError, match="VQK_CPU_TILE must be"):
@@ -206,12 +213,16 @@ def test_info_reports_the_choice():
     assert os.environ.get("VQK_CPU_TILE") is None  # nothing leaked from the tests above
 
 
+@pytest.mark.parametrize("bn", [None, "50"])
 @pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])
-def test_results_do_not_depend_on_the_thread_count(dt):
+def test_results_do_not_depend_on_the_thread_count(dt, bn, monkeypatch):
     """Row blocks, code splits and which task computes the key terms all follow the thread count; the answer must
     not (a layer under DDP with one thread per rank must agree with a run on more threads). fp64 is left out: its
     tiles are at::mm's, whose BLAS sums a dot product in an order that depends on the tile's shape (its last bit
-    may differ)."""
+    may differ). bn = "50": tiles of 50 codes (not a multiple of the GEMV's 4-code steps), so that the few-row
+    searches split the codes 4, 8 or 12 ways."""
+    if bn is not None:
+        monkeypatch.setenv("VQK_CPU_BN", bn)
     old = torch.get_num_threads()
     outs = {}
     try:
@@ -228,3 +239,57 @@ def test_results_do_not_depend_on_the_thread_count(dt):
         for codes, dist, counts in runs[1:]:
             assert torch.equal(codes, runs[0][0]) and torch.equal(dist, runs[0][1]), key
             assert torch.equal(counts, runs[0][2]), key
+
+
+# ---- fp32 through the bf16 prefilter (csrc/cpu/search.cpp, search_fp32_via_bf16) ------------------------------
+PREFILTER = "avx512bf16+rescore"
+needs_prefilter = pytest.mark.skipif(
+    not any(v["tile"] == PREFILTER for v in _ext.cpu_variants("fp32", 300)), reason="the CPU has no AVX512-BF16"
+)
+
+
+@needs_prefilter
+@pytest.mark.parametrize("metric", METRICS)
+def test_fp32_prefilter_returns_the_fp64_answer(metric):
+    """Every candidate of the prefilter is re-scored in fp64, so on each row its top-4 settles, fast mode returns
+    the fp64 argmin and its fp64 distance (rounded to fp32 once); the rows it cannot settle take the fp32 search.
+    On Gaussian data nearly every row settles: the distances then match fp64 to the last bit or one ulp, which the
+    fp32 search's distances (|x|^2 + key, rounded several times) do not."""
+    x, cb = make_inputs(600, 5000, 64, torch.float32, seed=11)
+    assert _ext.cpu_plan("fp32", 600)["tile"] == PREFILTER
+    q = vq.quantize(x, cb, metric=metric, backend="cpu")
+    check_search(x, cb, metric, q.codes, q.dist, exact=False, max_rows=600)
+    best, arg = brute_distances(x, cb, metric, direct=True).min(1)
+    settled = (q.codes == arg) & ((q.dist.double() - best).abs() <= best.abs() * 2.0**-23)
+    assert settled.float().mean() > 0.9, settled.float().mean()
+    fp32 = vq.quantize(x, cb, metric=metric, backend="torch")
+    assert ((fp32.dist.double() - best).abs() <= best.abs() * 2.0**-23).float().mean() < settled.float().mean()
+
+
+@needs_prefilter
+@pytest.mark.parametrize("metric", METRICS)
+def test_fp32_prefilter_falls_back_where_its_bound_is_loose(metric):
+    """Far from the origin (|x| |c| much larger than the gaps between distances) the bf16 rounding swamps the gaps
+    and the top-4 settles few rows: the rest go to the fp32 search. Norms outside 2^+-30 skip the prefilter
+    (vdpbf16ps flushes denormals). Every answer must still pass the oracle, in both modes."""
+    x, cb = make_inputs(400, 3000, 32, torch.float64, seed=5)
+    far_x, far_cb = (x * 0.01 + 20).float(), (cb * 0.01 + 20).float()
+    for xs, cs in ((far_x, far_cb), (x.float() * 1e-12, cb.float() * 1e-12), (x.float() * 1e12, cb.float() * 1e12)):
+        for exact in (False, True):
+            q = vq.quantize(xs, cs, metric=metric, exact=exact, backend="cpu")
+            check_search(xs, cs, metric, q.codes, q.dist, exact)
+            assert torch.equal(q.z_q, cs[q.codes])
+            assert torch.equal(q.counts, torch.bincount(q.codes, minlength=cs.shape[0]))
+
+
+@needs_prefilter
+def test_fp32_prefilter_reports_non_finite_values():
+    x, cb = make_inputs(300, 500, 16, torch.float32, seed=2)
+    bad = x.clone()
+    bad[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="x contains non-finite"):
+        vq.quantize(bad, cb, backend="cpu")
+    bad = cb.clone()
+    bad[11, 0] = float("inf")
+    with pytest.raises(ValueError, match="codebook contains non-finite"):
+        vq.quantize(x, bad, backend="cpu")

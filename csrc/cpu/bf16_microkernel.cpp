@@ -1,4 +1,8 @@
 // The AVX512-BF16 micro-kernel and its packing (bf16_microkernel.h).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12's AVX-512 headers (see epilogues_avx512.cpp)
+#endif
 #include "bf16_microkernel.h"
 
 #include <algorithm>
@@ -55,6 +59,75 @@ __attribute__((target("avx512f,avx512bf16"))) void bf16_microkernel(const uint16
 }
 
 }  // namespace
+
+namespace {
+
+// n fp32 values to bf16, rounded to nearest even (vcvtneps2bf16).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void round_to_bf16(const float* src, int64_t n,
+                                                                                    at::BFloat16* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm256_mask_storeu_epi16(dst + i, k, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, src + i)));
+  }
+}
+
+// [n, D] rows of m (from row i0) rounded into buf, contiguous
+void round_rows(const RowMatrix<float>& m, int64_t i0, int64_t n, std::vector<at::BFloat16>& buf) {
+  buf.resize(size_t(n) * m.D);
+  for (int64_t i = 0; i < n; ++i) round_to_bf16(m.row(i0 + i), m.D, buf.data() + i * m.D);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rounding_norms_row(const float* v, int64_t D,
+                                                                                         double* out) {
+  __m512d s = _mm512_setzero_pd(), r = s, t = s;
+  for (int64_t d = 0; d < D; d += 16) {
+    const int64_t n = D - d < 16 ? D - d : 16;
+    const __mmask16 k = static_cast<__mmask16>((1u << n) - 1u);
+    const __m512 f = _mm512_maskz_loadu_ps(k, v + d);
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(f);
+    const __m512 fr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    const __m512 e = _mm512_sub_ps(f, fr);  // exact: fr is f rounded to 8 significant bits
+    for (int half = 0; half < 2; ++half) {
+      const __m256 fh = half ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)) : _mm512_castps512_ps256(f);
+      const __m256 eh = half ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)) : _mm512_castps512_ps256(e);
+      const __m256 rh = half ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(fr), 1)) : _mm512_castps512_ps256(fr);
+      s = _mm512_fmadd_pd(_mm512_cvtps_pd(fh), _mm512_cvtps_pd(fh), s);
+      r = _mm512_fmadd_pd(_mm512_cvtps_pd(eh), _mm512_cvtps_pd(eh), r);
+      t = _mm512_fmadd_pd(_mm512_cvtps_pd(rh), _mm512_cvtps_pd(rh), t);
+    }
+  }
+  out[0] = _mm512_reduce_add_pd(s);
+  out[1] = _mm512_reduce_add_pd(r);
+  out[2] = _mm512_reduce_add_pd(t);
+}
+
+}  // namespace
+
+void bf16_rounding_norms(const RowMatrix<float>& m, int64_t i0, int64_t i1, double* sq, double* resid,
+                         double* rounded) {
+  double o[3];
+  for (int64_t i = i0; i < i1; ++i) {
+    rounding_norms_row(m.row(i), m.D, o);
+    sq[i - i0] = o[0];
+    resid[i - i0] = o[1];
+    rounded[i - i0] = o[2];
+  }
+}
+
+void Fp32ViaBf16Gemm::load_cols(Scratch& s, int64_t c0, int64_t nc) const {
+  const int64_t D = cols_.D;
+  round_rows(cols_, c0, nc, s.rounded);
+  Bf16Avx512Gemm({nullptr, D, 0, D}, {s.rounded.data(), D, nc, D}).load_cols(s.inner, 0, nc);
+}
+
+void Fp32ViaBf16Gemm::tile(Scratch& s, int64_t r0, int64_t m, int64_t nc, float* out, int64_t ldt) const {
+  const int64_t D = rows_.D;
+  round_rows(rows_, r0, m, s.rounded);
+  Bf16Avx512Gemm({s.rounded.data(), D, m, D}, {nullptr, D, 0, D}).tile(s.inner, 0, m, nc, out, ldt);
+}
 
 void Bf16Avx512Gemm::load_cols(Scratch& s, int64_t c0, int64_t nc) const {
   const int64_t D = cols_.D;

@@ -50,6 +50,38 @@ class Bf16Avx512Gemm {
   RowMatrix<at::BFloat16> rows_, cols_;
   int64_t D2;
 };
+
+// fp32 operands rounded to bf16 (round to nearest even) on their way into Bf16Avx512Gemm: the column block when
+// it is packed, each code tile into a per-thread buffer of the tile's size (the codebook is never copied whole).
+// The dot products are those of the rounded operands, off the fp32 ones by up to about 2^-7 |x| |c|: this is the
+// prefilter of the fp32 "avx512bf16+rescore" search (search.cpp), which re-scores its candidates in fp64.
+// Per row of m (rows i0 .. i1 - 1): |v|^2, |v - bf16(v)|^2 and |bf16(v)|^2 in fp64, bf16(v) rounded exactly as
+// Fp32ViaBf16Gemm rounds it, into sq / resid / rounded [i1 - i0]. Call only where cpu_features().avx512bf16.
+void bf16_rounding_norms(const RowMatrix<float>& m, int64_t i0, int64_t i1, double* sq, double* resid,
+                         double* rounded);
+
+class Fp32ViaBf16Gemm {
+ public:
+  using scalar_t = float;
+  using acc_t = float;
+  static constexpr int64_t kRowAlign = Bf16Avx512Gemm::kRowAlign;
+  static constexpr int64_t kRowPad = Bf16Avx512Gemm::kRowPad;
+  static constexpr int64_t kColAlign = Bf16Avx512Gemm::kColAlign;
+  struct Scratch {
+    Bf16Avx512Gemm::Scratch inner;
+    std::vector<at::BFloat16> rounded;  // the column block, then each code tile, rounded to bf16 ([n, D])
+  };
+
+  // Call only where cpu_features().avx512bf16.
+  Fp32ViaBf16Gemm(const RowMatrix<float>& rows, const RowMatrix<float>& cols) : rows_(rows), cols_(cols) {}
+
+  void load_cols(Scratch& s, int64_t c0, int64_t nc) const;
+  void tile(Scratch& s, int64_t r0, int64_t m, int64_t nc, float* out, int64_t ldt) const;
+  void release() const {}
+
+ private:
+  RowMatrix<float> rows_, cols_;
+};
 #endif
 
 }  // namespace vqkernels::cpu

@@ -117,21 +117,34 @@ TileKind choose_tile(const std::string& dtype, const CpuFeatures& f, const char*
     // a GEMM kernel vectorises over a block's rows: with fewer than 16 in all, most of its lanes would idle. (The
     // choice depends on N, not on the thread count, so that the answer does too: the kernels sum a dot product
     // in different orders.)
-    if (rows < kGemvRows && (f.avx512 || f.avx2_fma)) return TileKind::Gemv;
+    if (rows < kGemvRows && (f.avx512 || f.avx2_fma))
+      return dtype == "bf16" && f.avx512bf16 ? TileKind::GemvBf16 : TileKind::Gemv;
     // bf16 on AMX: oneDNN's brgemm runs on the tiles, several times faster than vdpbf16ps (and than the GEMM of
     // torch.matmul on the same CPU, measured on Sapphire Rapids)
     if (dtype == "bf16" && f.avx512bf16 && !f.amx_bf16) return TileKind::Avx512Bf16;
+    // fp32 at twice fp32's FMA rate: vdpbf16ps on operands rounded to bf16, the candidates re-scored in fp64
+    if (dtype == "fp32" && f.avx512bf16 && rows >= kRescoreRows) return TileKind::Bf16Rescore;
     return TileKind::Brgemm;
   }
   const std::string t = tile_env;
   if (t == "brgemm" || t == "brgemm+amx") return TileKind::Brgemm;
   if (t == "gemv") return TileKind::Gemv;
+  if (t == "avx512bf16+rescore") {
+    if (dtype != "fp32") return choose_tile(dtype, f, "avx512bf16", nullptr, rows);  // bf16 needs no rounding
+    if (!f.avx512bf16) throw std::runtime_error("VQK_CPU_TILE=avx512bf16+rescore but this CPU has no AVX512-BF16");
+    return TileKind::Bf16Rescore;
+  }
+  if (t == "gemv-avx512bf16") {
+    if (dtype != "bf16") return TileKind::Gemv;  // a bf16 kernel: other dtypes take the GEMV kernel they have
+    if (!f.avx512bf16) throw std::runtime_error("VQK_CPU_TILE=gemv-avx512bf16 but this CPU has no AVX512-BF16");
+    return TileKind::GemvBf16;
+  }
   if (t == "avx512bf16") {
     if (dtype != "bf16") return TileKind::Brgemm;  // a bf16 kernel: other dtypes keep theirs
     if (!f.avx512bf16) throw std::runtime_error("VQK_CPU_TILE=avx512bf16 but this CPU has no AVX512-BF16");
     return TileKind::Avx512Bf16;
   }
-  throw std::invalid_argument("VQK_CPU_TILE must be auto, brgemm, avx512bf16 or gemv; got '" + t + "'");
+  throw std::invalid_argument("VQK_CPU_TILE must be auto, brgemm, avx512bf16, avx512bf16+rescore, gemv or gemv-avx512bf16; got '" + t + "'");
 }
 
 EpilogueKind choose_epilogue(const std::string& dtype, const CpuFeatures& f, const char* epilogue_env) {
@@ -203,6 +216,8 @@ std::string tile_name(TileKind kind, const std::string& dtype, const CpuFeatures
     case TileKind::Avx512Bf16: return "avx512bf16";
     case TileKind::Mm: return "mm";
     case TileKind::Gemv: return "gemv";
+    case TileKind::GemvBf16: return "gemv-avx512bf16";
+    case TileKind::Bf16Rescore: return "avx512bf16+rescore";
     case TileKind::Brgemm:
       if ((dtype == "bf16" && f.amx_bf16) || (dtype == "fp16" && f.amx_fp16)) return "brgemm+amx";
       return "brgemm";
@@ -232,8 +247,10 @@ std::string cpu_variants(const std::string& dtype, int64_t rows) {
   if (dtype != "fp64") {
     // the GEMV kernel only where it could be the right one (few rows): on big blocks it is no contender
     const std::pair<TileKind, bool> all[] = {{TileKind::Avx512Bf16, dtype == "bf16" && f.avx512bf16},
+                                             {TileKind::Bf16Rescore, dtype == "fp32" && f.avx512bf16 && rows >= kGemvRows},
                                              {TileKind::Brgemm, true},
-                                             {TileKind::Gemv, rows < kGemvRows}};
+                                             {TileKind::Gemv, rows < kGemvRows},
+                                             {TileKind::GemvBf16, rows < kGemvRows && dtype == "bf16" && f.avx512bf16}};
     for (const auto& [t, ok] : all)
       if (ok && t != tile0) tiles.push_back(t);
   }

@@ -8,12 +8,15 @@
 //
 // The choice, per call (README "Backends"):
 //   tile kernel  searches of fewer than 16 input rows (few rows against many codes), fp32 / bf16 / fp16: our GEMV
-//                kernel, vectorised over D (gemv_kernel.h), on CPUs with AVX2 or AVX-512. Otherwise bf16: ATen's
+//                kernel, vectorised over D (gemv_kernel.h), on CPUs with AVX2 or AVX-512; for bf16 on a CPU with
+//                AVX512-BF16 its vdpbf16ps form ("gemv-avx512bf16"). Otherwise bf16: ATen's
 //                brgemm when the CPU has usable AMX-BF16 (oneDNN runs it on AMX tiles), else our AVX512-BF16
 //                micro-kernel when the CPU has AVX512-BF16, else ATen's brgemm; fp16: ATen's brgemm (on AMX-FP16
-//                tiles where the CPU has them); fp32: ATen's brgemm; fp64: at::mm.
+//                tiles where the CPU has them); fp32: on CPUs with AVX512-BF16 and at least 256 rows the bf16 prefilter
+//                ("avx512bf16+rescore": the AVX512-BF16 micro-kernel on operands rounded to bf16, a top-4 per row,
+//                the candidates within the rounding bound re-scored in fp64), else ATen's brgemm; fp64: at::mm.
 //   epilogue     fp32: AVX-512, else AVX2 + FMA, else NEON (aarch64), else scalar; fp64: scalar.
-// VQK_CPU_TILE=auto|brgemm|avx512bf16|gemv and VQK_CPU_EPILOGUE=auto|avx512|avx2|neon|scalar force a choice (a forced
+// VQK_CPU_TILE=auto|brgemm|avx512bf16|avx512bf16+rescore|gemv|gemv-avx512bf16 and VQK_CPU_EPILOGUE=auto|avx512|avx2|neon|scalar force a choice (a forced
 // kernel the CPU cannot run is an error that says so); VQK_CPU_BF16_BRGEMM=1 is the older name of
 // VQK_CPU_TILE=brgemm for bf16.
 #pragma once
@@ -44,7 +47,10 @@ struct CpuFeatures {
 // The features of this CPU (detected once).
 const CpuFeatures& cpu_features();
 
-enum class TileKind { Brgemm, Avx512Bf16, Gemv, Mm };
+enum class TileKind { Brgemm, Avx512Bf16, Gemv, GemvBf16, Bf16Rescore, Mm };
+// fp32 searches of at least this many input rows (per group) take the bf16 prefilter with fp64 re-scoring on CPUs
+// with AVX512-BF16 (search.cpp): below it the rounding of the codes per tile is not paid back.
+constexpr int64_t kRescoreRows = 256;
 // Searches of fewer input rows than this take the GEMV tile kernel.
 constexpr int64_t kGemvRows = 16;
 enum class EpilogueKind { Scalar, Avx2, Avx512, Neon };
@@ -70,7 +76,8 @@ int64_t block_rows(int64_t N, int64_t G = 1);
 // Features from a comma list of names() (to test the choice for CPUs this one is not).
 CpuFeatures features_from_names(const std::string& names);
 
-// Names: "brgemm" (or "brgemm+amx" where oneDNN runs it on AMX tiles), "avx512bf16", "gemv", "mm"; "avx512",
+// Names: "brgemm" (or "brgemm+amx" where oneDNN runs it on AMX tiles), "avx512bf16", "avx512bf16+rescore", "gemv",
+// "gemv-avx512bf16", "mm"; "avx512",
 // "avx2", "neon", "scalar".
 std::string tile_name(TileKind kind, const std::string& dtype, const CpuFeatures& features);
 const char* epilogue_name(EpilogueKind kind);

@@ -6,10 +6,22 @@
 
 #include "gemv_kernel.h"
 
+#include "row_norms.h"
 #include "simd_loads.h"
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
 
 namespace vqkernels::cpu {
 namespace {
+
+template <typename T>
+double sum_squares_fp64(const T* v, int64_t D) {
+  double s = 0.0;
+  for (int64_t d = 0; d < D; ++d) s += static_cast<double>(v[d]) * static_cast<double>(v[d]);
+  return s;
+}
 
 // out[j * ldt + c] for codes j < m (rows + j * ldr, D elements) and packed inputs c < nc (xs + c * Dp, fp32).
 template <typename T>
@@ -187,6 +199,137 @@ __attribute__((target("avx2,fma,f16c"))) void gemv_avx2(const T* rows, int64_t l
     for (; c < nc; ++c) gemv_group_avx2<1, false>(cr, D, xs + c * Dp, Dp, o + c, nullptr);
   }
 }
+// ---- bf16 inputs on AVX512-BF16: vdpbf16ps ------------------------------------------------------------------
+// Each code is read as stored, 32 bf16 at a time, and meets the input rows (packed in bf16, zero-padded to a
+// multiple of 32) through vdpbf16ps: the products of two bf16 are exact in fp32, their sums accumulate in fp32
+// like the GEMM tiles' (README "Method" §1.1). The code's sum of squares comes from the same instruction (c . c in
+// fp32) instead of an fp64 sum of squares: 2 instructions per 32 elements instead of 8 conversions and 4 fp64
+// FMAs, which is what makes a one-row pass over a huge codebook a pure memory stream. Its error (a few fp32 ulps of
+// |c|^2) is inside what the fast keys already carry and what exact mode's bound allows (numerics.h: gamma covers
+// D + 4 fp32 roundings of cmax^2). A sum that overflows fp32 (|c| >= 2^64) or meets a NaN / Inf is redone in fp64
+// by the caller, so the non-finite check stays exact.
+
+// Lanes [0, n) of a 32-lane bf16 chunk.
+inline __mmask32 tail32(int64_t n) { return n >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << n) - 1u); }
+
+// One code against one input row (and its squares with SQ): the tails of the 4-wide forms below. Every sum goes
+// through hsum4_ps, as theirs do, so a dot product's bits do not depend on the form its code or row lands in (tile
+// and split boundaries follow the thread count).
+template <bool SQ>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void gemv1_bf16dot(const at::BFloat16* cr,
+                                                                                          int64_t D,
+                                                                                          const at::BFloat16* x,
+                                                                                          float* o, float* sq) {
+  __m512 acc = _mm512_setzero_ps(), ss = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512bh cv = (__m512bh)_mm512_maskz_loadu_epi16(tail32(D - d), cr + d);
+    acc = _mm512_dpbf16_ps(acc, cv, (__m512bh)_mm512_loadu_si512(x + d));
+    if constexpr (SQ) ss = _mm512_dpbf16_ps(ss, cv, cv);
+  }
+  alignas(16) float r[4];
+  _mm_store_ps(r, hsum4_ps(acc, ss, acc, acc));
+  *o = r[0];
+  if constexpr (SQ) *sq = r[1];
+}
+
+// One input row with the squares, 4 codes at a time (their 8 sums share two shuffle trees).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void gemv1_sq_bf16dot(
+    const at::BFloat16* rows, int64_t ldr, int64_t D, int64_t m, const at::BFloat16* x, float* out, int64_t ldt,
+    float* sq) {
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    __m512 acc[4], ss[4];
+    for (int g = 0; g < 4; ++g) acc[g] = ss[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __mmask32 k = tail32(D - d);
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + d);
+      for (int g = 0; g < 4; ++g) {
+        const __m512bh cv = (__m512bh)_mm512_maskz_loadu_epi16(k, rows + (j + g) * ldr + d);
+        acc[g] = _mm512_dpbf16_ps(acc[g], cv, xv);
+        ss[g] = _mm512_dpbf16_ps(ss[g], cv, cv);
+      }
+    }
+    alignas(16) float dots[4];
+    _mm_store_ps(dots, hsum4_ps(acc[0], acc[1], acc[2], acc[3]));
+    for (int g = 0; g < 4; ++g) out[(j + g) * ldt] = dots[g];
+    _mm_storeu_ps(sq + j, hsum4_ps(ss[0], ss[1], ss[2], ss[3]));
+  }
+  for (; j < m; ++j) gemv1_bf16dot<true>(rows + j * ldr, D, x, out + j * ldt, sq + j);
+}
+
+// 4 codes x 4 input rows: each chunk of a code and of a row loaded once for 4 products; the 16 dot products
+// reduced by 4 shuffle trees, each giving one code's 4 rows, stored side by side (out[j * ldt + c .. c + 3]). The
+// 20 accumulators are named one by one: GCC keeps an array of them on the stack, storing it every iteration.
+template <bool SQ>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void gemv4x4_bf16dot(
+    const at::BFloat16* cr, int64_t ldr, int64_t D, const at::BFloat16* xs, int64_t Dp, float* o, int64_t ldt,
+    float* sq) {
+#define VQK_ACC4(g) __m512 a##g##0 = _mm512_setzero_ps(), a##g##1 = a##g##0, a##g##2 = a##g##0, a##g##3 = a##g##0
+  VQK_ACC4(0);
+  VQK_ACC4(1);
+  VQK_ACC4(2);
+  VQK_ACC4(3);
+#undef VQK_ACC4
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  for (int64_t d = 0; d < D; d += 32) {
+    const __mmask32 k = tail32(D - d);
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xs + d);
+    const __m512bh x1 = (__m512bh)_mm512_loadu_si512(xs + Dp + d);
+    const __m512bh x2 = (__m512bh)_mm512_loadu_si512(xs + 2 * Dp + d);
+    const __m512bh x3 = (__m512bh)_mm512_loadu_si512(xs + 3 * Dp + d);
+#define VQK_CODE4(g)                                                                  \
+  {                                                                                   \
+    const __m512bh cv = (__m512bh)_mm512_maskz_loadu_epi16(k, cr + g * ldr + d);      \
+    a##g##0 = _mm512_dpbf16_ps(a##g##0, cv, x0);                                      \
+    a##g##1 = _mm512_dpbf16_ps(a##g##1, cv, x1);                                      \
+    a##g##2 = _mm512_dpbf16_ps(a##g##2, cv, x2);                                      \
+    a##g##3 = _mm512_dpbf16_ps(a##g##3, cv, x3);                                      \
+    if constexpr (SQ) s##g = _mm512_dpbf16_ps(s##g, cv, cv);                          \
+  }
+    VQK_CODE4(0)
+    VQK_CODE4(1)
+    VQK_CODE4(2)
+    VQK_CODE4(3)
+#undef VQK_CODE4
+  }
+  _mm_storeu_ps(o, hsum4_ps(a00, a01, a02, a03));
+  _mm_storeu_ps(o + ldt, hsum4_ps(a10, a11, a12, a13));
+  _mm_storeu_ps(o + 2 * ldt, hsum4_ps(a20, a21, a22, a23));
+  _mm_storeu_ps(o + 3 * ldt, hsum4_ps(a30, a31, a32, a33));
+  if constexpr (SQ) _mm_storeu_ps(sq, hsum4_ps(s0, s1, s2, s3));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void gemv_bf16dot(
+    const at::BFloat16* rows, int64_t ldr, int64_t D, int64_t m, const at::BFloat16* xs, int64_t Dp, int64_t nc,
+    float* out, int64_t ldt, float* sq) {
+  if (nc == 1 && sq != nullptr) return gemv1_sq_bf16dot(rows, ldr, D, m, xs, out, ldt, sq);
+  int64_t j = 0;
+  if (nc >= 4) {
+    for (; j + 4 <= m; j += 4) {
+      const at::BFloat16* cr = rows + j * ldr;
+      float* o = out + j * ldt;
+      int64_t c = 0;
+      if (sq != nullptr) {
+        gemv4x4_bf16dot<true>(cr, ldr, D, xs, Dp, o, ldt, sq + j);
+        c = 4;
+      }
+      for (; c + 4 <= nc; c += 4) gemv4x4_bf16dot<false>(cr, ldr, D, xs + c * Dp, Dp, o + c, ldt, nullptr);
+      for (; c < nc; ++c)
+        for (int g = 0; g < 4; ++g)
+          gemv1_bf16dot<false>(cr + g * ldr, D, xs + c * Dp, o + g * ldt + c, nullptr);
+    }
+  }
+  for (; j < m; ++j) {  // the last m % 4 codes, or every code of a block of 2 or 3 rows
+    const at::BFloat16* cr = rows + j * ldr;
+    float* o = out + j * ldt;
+    int64_t c = 0;
+    if (sq != nullptr) {
+      gemv1_bf16dot<true>(cr, D, xs, o, sq + j);
+      c = 1;
+    }
+    for (; c < nc; ++c) gemv1_bf16dot<false>(cr, D, xs + c * Dp, o + c, nullptr);
+  }
+}
 #endif
 
 }  // namespace
@@ -195,6 +338,13 @@ template <typename scalar_t>
 void GemvTile<scalar_t>::load_cols(Scratch& s, int64_t c0, int64_t nc) const {
   const int64_t D = cols_.D;
   s.nc = nc;
+  if (bf16dot_) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      s.xb.assign(size_t(nc) * Dp_, at::BFloat16(0.0f));
+      for (int64_t c = 0; c < nc; ++c) std::copy(cols_.row(c0 + c), cols_.row(c0 + c) + D, s.xb.begin() + c * Dp_);
+    }
+    return;
+  }
   s.xs.assign(size_t(nc) * Dp_, 0.0f);
   for (int64_t c = 0; c < nc; ++c) {
     const scalar_t* src = cols_.row(c0 + c);
@@ -207,6 +357,23 @@ void GemvTile<scalar_t>::tile_norms(Scratch& s, int64_t r0, int64_t m, int64_t n
                                     double* sq) const {
   const scalar_t* rows = rows_.row(r0);
 #ifdef VQK_X86
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (bf16dot_) {
+      s.sq32.resize(size_t(m));
+      const bool fp32_sq = sq != nullptr && !fp64_squares_;
+      gemv_bf16dot(rows, rows_.ld, rows_.D, m, s.xb.data(), Dp_, nc, out, ldt, fp32_sq ? s.sq32.data() : nullptr);
+      // exact mode re-scores with the norms: the fp64 sums, from the tile's codes while they are in cache
+      if (sq != nullptr && fp64_squares_) sum_squares_rows(rows_, r0, r0 + m, sq);
+      if (fp32_sq) {
+        for (int64_t j = 0; j < m; ++j) {
+          const float v = s.sq32[j];
+          // overflow of fp32 (finite codes of norm >= 2^64) or a NaN / Inf: the fp64 sum decides
+          sq[j] = std::isfinite(v) ? double(v) : sum_squares_fp64(rows + j * rows_.ld, rows_.D);
+        }
+      }
+      return;
+    }
+  }
   if (isa_ == EpilogueKind::Avx512)
     return gemv_avx512(rows, rows_.ld, rows_.D, m, s.xs.data(), Dp_, nc, out, ldt, sq);
   if (isa_ == EpilogueKind::Avx2) return gemv_avx2(rows, rows_.ld, rows_.D, m, s.xs.data(), Dp_, nc, out, ldt, sq);

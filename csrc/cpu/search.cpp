@@ -116,9 +116,17 @@ struct FusesNorms<Gemm, std::void_t<decltype(Gemm::kFusesNorms)>> : std::bool_co
 // The search over a grid of (group, row block, code split) tasks, with one tile kernel: make_gemm(codes, rows)
 // builds it for one group's codebook and rows. Rows of all groups are numbered together, row i of group g being
 // row g * N + i of the outputs (codes, dist, zq) and of the per-row buffers.
+// What a search on a prefilter (search_fp32_via_bf16) changes in exact mode: a bound on every key's error per row
+// (row_bound, in place of key_error_bound's), and the rows that their top-4 list cannot settle are flagged in redo
+// (and left unwritten) instead of re-scanned against every code.
+struct GridOptions {
+  const double* row_bound = nullptr;  // [G * N] a bound on the error of every key of the row (then redo is needed)
+  uint8_t* redo = nullptr;            // [G * N]
+};
+
 template <typename scalar_t, typename MakeGemm>
 void search_grid(MakeGemm&& make_gemm, const GroupedRows<scalar_t>& x, const GroupedRows<scalar_t>& cb,
-                 Metric metric, bool exact, EpilogueKind epi, const Outputs& out) {
+                 Metric metric, bool exact, EpilogueKind epi, const Outputs& out, const GridOptions& opt = {}) {
   using Gemm = decltype(make_gemm(cb.group(0), x.group(0)));
   using acc_t = typename AccOf<scalar_t>::type;
   static_assert(std::is_same_v<acc_t, typename Gemm::acc_t>);
@@ -133,7 +141,9 @@ void search_grid(MakeGemm&& make_gemm, const GroupedRows<scalar_t>& x, const Gro
   for (int64_t g = 0; g < G; ++g) gemms.push_back(make_gemm(cb.group(g), x.group(g)));
 
   // ---- the grid ------------------------------------------------------------------------------------------------
-  const int64_t BM = block_rows(N, G);
+  // a GEMV kernel reads each code once per row block: its few rows stay in one block (the threads split the codes
+  // instead), else every block would stream the whole codebook from memory again
+  const int64_t BM = FusesNorms<Gemm>::value && N < kGemvRows ? std::max<int64_t>(N, 1) : block_rows(N, G);
   const int64_t nblk = (N + BM - 1) / BM;  // row blocks per group
   const int64_t blocks = G * nblk;
   // the tile's row stride: a padded block of rows; for blocks of one row, 1 (the row is then contiguous and the
@@ -218,6 +228,28 @@ void search_grid(MakeGemm&& make_gemm, const GroupedRows<scalar_t>& x, const Gro
     const scalar_t* xr = x.row(g, r - g * N);
     const double* cn = terms.cnorm.data() + g * K;
     const double xn = xnorm[r];
+    if (opt.row_bound != nullptr) {
+      // a prefilter's keys, each within E of its true key: every candidate re-scored, and the row settled when no
+      // code behind the list (keys >= the last one's) can have a true key at or below the best candidate's
+      double bd = std::numeric_limits<double>::infinity();
+      int64_t bc = -1;
+      for (int p = 0; p < kTopT; ++p) {
+        const int64_t c = ti[p * ts];
+        if (c < 0) break;
+        const double dk = rescore(xr, cb.row(g, c), D, metric, xn, cn[c]);
+        if (bc < 0 || dk < bd || (dk == bd && c < bc)) { bd = dk; bc = c; }
+      }
+      const double best_key = metric == Metric::L2       ? bd - xsq[r]
+                              : metric == Metric::Cosine ? (bd - 1.0) * std::max(xn, num::kCosEps)
+                                                         : bd;
+      const int32_t last = ti[(kTopT - 1) * ts];
+      if (bc < 0 || (last >= 0 && !(double(tv[(kTopT - 1) * ts]) - opt.row_bound[r] > best_key))) {
+        opt.redo[r] = 1;
+        return;
+      }
+      emit(g, r, bc, static_cast<acc_t>(bd), my_hist);
+      return;
+    }
     const double thresh = num::exact_threshold(static_cast<int>(metric), xn, cmax[g], double(tv[0]), gamma);
     const bool overflow = ti[(kTopT - 1) * ts] >= 0 && double(tv[(kTopT - 1) * ts]) <= thresh;
     double bd = std::numeric_limits<double>::infinity();
@@ -369,6 +401,117 @@ void search_grid(MakeGemm&& make_gemm, const GroupedRows<scalar_t>& x, const Gro
   }
 }
 
+#ifdef VQK_X86
+// Per row of all groups: |v|, |v - bf16(v)| and |bf16(v)| (bf16_rounding_norms); false when a row's sum of
+// squares is neither 0 nor within [2^-60, 2^60] (a NaN or Inf included, which the plain search then reports).
+bool rounding_norms(const GroupedRows<float>& m, std::vector<double>& n, std::vector<double>& dn,
+                    std::vector<double>& rn) {
+  const int64_t R = m.G * m.rows;
+  n.resize(R);
+  dn.resize(R);
+  rn.resize(R);
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, R, 1024, [&](int64_t r0, int64_t r1) {
+    for_group_ranges(r0, r1, m.rows, [&](int64_t g, int64_t i0, int64_t i1) {
+      const int64_t r = g * m.rows + i0;
+      bf16_rounding_norms(m.group(g), i0, i1, n.data() + r, dn.data() + r, rn.data() + r);
+    });
+    for (int64_t r = r0; r < r1; ++r) {
+      if (!(n[r] == 0.0 || (n[r] >= 0x1p-60 && n[r] <= 0x1p60))) ok = false;
+      n[r] = std::sqrt(n[r]);
+      dn[r] = std::sqrt(dn[r]);
+      rn[r] = std::sqrt(rn[r]);
+    }
+  });
+  return ok.load();
+}
+
+// fp32 through a bf16 prefilter (TileKind::Bf16Rescore, README "Backends"): the AVX512-BF16 micro-kernel on
+// operands rounded to bf16 (Fp32ViaBf16Gemm) at twice the fp32 FMA rate, exact mode's top-4 per row, and every
+// candidate that the rounding may have put behind the true minimum re-scored in fp64.
+//
+// The bound, per row x against codes c (x~, c~ rounded to bf16; products of bf16 are exact in fp32):
+//   |x . c - fl(x~ . c~)| <= |x . (c - c~)| + |(x - x~) . c~| + gamma_D |x~| |c~|
+//                         <= |x| dc + |x - x~| ct + gamma_D |x~| ct          (Cauchy-Schwarz)
+// with dc, ct the largest |c - c~|, |c~| of the codebook and gamma_D = (D + 2) 2^-24 / (1 - (D + 2) 2^-24) for
+// the fp32 sum. The residual norms are measured, not assumed (they run at about 0.42 2^-8 |v| on random data, a
+// third of the worst case), which is what makes the top-4 enough for about 98 % of rows on Gaussian data at
+// D = 256, K = 16384 (measured). A key adds its fp32 terms' rounding (l2: o = |c|^2 and the sum o - 2 x.c; cosine:
+// 1 / |c|), and the whole carries a safety factor of 1.5. vdpbf16ps flushes denormals, an absolute error below
+// D 2^-96 once every norm is 0 or within 2^+-30, which is checked first (else brgemm) and far below the bound. The
+// chosen code is the fp64 argmin among the candidates, which hold the true minimum, with its fp64 distance: as good
+// as exact mode. Rows whose top-4 fills with candidates (near-ties) are searched again by the fp32 search (brgemm),
+// exact mode if asked, so the worst case costs the prefilter plus the fp32 search.
+void search_fp32_via_bf16(const GroupedRows<float>& xm, const GroupedRows<float>& cm, Metric metric, bool exact,
+                          EpilogueKind epi, const Outputs& out) {
+  using RM = RowMatrix<float>;
+  auto fp32_grid = [&](const GroupedRows<float>& x, const GroupedRows<float>& c, const Outputs& o) {
+    search_grid<float>([](const RM& cc, const RM& r) { return AtenTileGemm<float>(cc, r); }, x, c, metric, exact,
+                       epi, o);
+  };
+  std::vector<double> xn, dx, xt, cn, dc, ct;
+  if (!rounding_norms(xm, xn, dx, xt) || !rounding_norms(cm, cn, dc, ct)) return fp32_grid(xm, cm, out);
+  const int64_t G = xm.G, N = xm.rows, D = xm.D, K = cm.rows, NT = G * N;
+  constexpr double u = 0x1p-24;
+  const double gD = double(D + 2) * u / (1.0 - double(D + 2) * u);
+  std::vector<double> bound(NT);
+  for (int64_t g = 0; g < G; ++g) {
+    double cmax = 0.0, dcmax = 0.0, ctmax = 0.0, rdc = 0.0, rct = 0.0;  // rdc, rct: per 1 / max(|c|, eps)
+    for (int64_t k = g * K; k < (g + 1) * K; ++k) {
+      cmax = std::max(cmax, cn[k]);
+      dcmax = std::max(dcmax, dc[k]);
+      ctmax = std::max(ctmax, ct[k]);
+      const double inv = 1.0 / std::max(cn[k], num::kCosEps);
+      rdc = std::max(rdc, dc[k] * inv);
+      rct = std::max(rct, ct[k] * inv);
+    }
+    for (int64_t i = g * N; i < (g + 1) * N; ++i) {
+      double e;
+      switch (metric) {
+        case Metric::L2: e = 2.0 * (xn[i] * dcmax + (dx[i] + gD * xt[i]) * ctmax) + 3.0 * u * (cmax * cmax + 2.0 * xt[i] * ctmax); break;
+        case Metric::Cosine: e = xn[i] * rdc + (dx[i] + gD * xt[i]) * rct + 3.0 * u * xt[i] * rct; break;
+        default: e = xn[i] * dcmax + (dx[i] + gD * xt[i]) * ctmax + 2.0 * u * xt[i] * ctmax; break;
+      }
+      bound[i] = 1.5 * e + double(D) * 0x1p-90;
+    }
+  }
+  std::vector<uint8_t> redo(NT, 0);
+  GridOptions opt;
+  opt.row_bound = bound.data();
+  opt.redo = redo.data();
+  search_grid<float>([](const RM& c, const RM& r) { return Fp32ViaBf16Gemm(c, r); }, xm, cm, metric,
+                     /*exact=*/true, epi, Outputs{out.codes, out.dist, nullptr, nullptr}, opt);
+  float* dist = static_cast<float*>(out.dist);
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < N; ++i)
+      if (redo[g * N + i]) rows.push_back(i);
+    if (rows.empty()) continue;
+    const int64_t n = static_cast<int64_t>(rows.size());
+    std::vector<float> xs(size_t(n) * D);
+    for (int64_t j = 0; j < n; ++j) std::memcpy(xs.data() + j * D, xm.row(g, rows[j]), sizeof(float) * D);
+    std::vector<int64_t> codes(n);
+    std::vector<float> d(n);
+    fp32_grid(GroupedRows<float>{xs.data(), 0, D, 1, n, D}, GroupedRows<float>{cm.data + g * cm.gs, 0, cm.ld, 1, K, D},
+              Outputs{codes.data(), d.data(), nullptr, nullptr});
+    for (int64_t j = 0; j < n; ++j) {
+      out.codes[g * N + rows[j]] = codes[j];
+      dist[g * N + rows[j]] = d[j];
+    }
+  }
+  if (out.zq != nullptr) {
+    float* zq = static_cast<float*>(out.zq);
+    at::parallel_for(0, NT, 1024, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) std::memcpy(zq + r * D, cm.row(r / N, out.codes[r]), sizeof(float) * D);
+    });
+  }
+  if (out.counts != nullptr) {
+    std::memset(out.counts, 0, sizeof(int64_t) * G * K);
+    for (int64_t r = 0; r < NT; ++r) ++out.counts[(r / N) * K + out.codes[r]];
+  }
+}
+#endif
+
 template <typename scalar_t>
 GroupedRows<scalar_t> grouped(const at::Tensor& t) {
   return {t.const_data_ptr<scalar_t>(), group_stride(t), t.stride(-2), groups_of(t), t.size(-2), t.size(-1)};
@@ -398,14 +541,19 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
       return search_grid<scalar_t>([](const RM& c, const RM& r) { return Bf16Avx512Gemm(c, r); }, xm, cm, metric,
                                    exact, epi, out);
   }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (tile == TileKind::Bf16Rescore) return search_fp32_via_bf16(xm, cm, metric, exact, epi, out);
+  }
 #endif
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (tile == TileKind::Gemv) {
+    if (tile == TileKind::Gemv || tile == TileKind::GemvBf16) {
       // the GEMV kernel's vector width: the widest this CPU has (its own choice, apart from the epilogue's)
       const CpuFeatures& f = cpu_features();
       const EpilogueKind isa = f.avx512 ? EpilogueKind::Avx512 : (f.avx2_fma ? EpilogueKind::Avx2 : EpilogueKind::Scalar);
-      return search_grid<scalar_t>([isa](const RM& c, const RM& r) { return GemvTile<scalar_t>(c, r, isa); }, xm, cm,
-                                   metric, exact, epi, out);
+      const bool bf16dot = tile == TileKind::GemvBf16;
+      return search_grid<scalar_t>(
+          [isa, bf16dot, exact](const RM& c, const RM& r) { return GemvTile<scalar_t>(c, r, isa, bf16dot, exact); },
+          xm, cm, metric, exact, epi, out);
     }
   }
   search_grid<scalar_t>([](const RM& c, const RM& r) { return AtenTileGemm<scalar_t>(c, r); }, xm, cm, metric, exact,
