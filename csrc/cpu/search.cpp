@@ -435,13 +435,14 @@ bool rounding_norms(const GroupedRows<float>& m, std::vector<double>& n, std::ve
 //                         <= |x| dc + |x - x~| ct + gamma_D |x~| ct          (Cauchy-Schwarz)
 // with dc, ct the largest |c - c~|, |c~| of the codebook and gamma_D = (D + 2) 2^-24 / (1 - (D + 2) 2^-24) for
 // the fp32 sum. The residual norms are measured, not assumed (they run at about 0.42 2^-8 |v| on random data, a
-// third of the worst case), which is what makes the top-4 enough for about 98 % of rows on Gaussian data at
-// D = 256, K = 16384 (measured). A key adds its fp32 terms' rounding (l2: o = |c|^2 and the sum o - 2 x.c; cosine:
+// third of the worst case), which is what lets the top-4 settle 97 % of the rows of Gaussian data at D = 256,
+// K = 16384 (measured). A key adds its fp32 terms' rounding (l2: o = |c|^2 and the sum o - 2 x.c; cosine:
 // 1 / |c|), and the whole carries a safety factor of 1.5. vdpbf16ps flushes denormals, an absolute error below
-// D 2^-96 once every norm is 0 or within 2^+-30, which is checked first (else brgemm) and far below the bound. The
-// chosen code is the fp64 argmin among the candidates, which hold the true minimum, with its fp64 distance: as good
-// as exact mode. Rows whose top-4 fills with candidates (near-ties) are searched again by the fp32 search (brgemm),
-// exact mode if asked, so the worst case costs the prefilter plus the fp32 search.
+// D 2^-96 once every norm is 0 or within 2^+-30, which is checked first (else brgemm) and far below the bound.
+// A row is settled when its 4th key minus the bound lies above the best candidate's fp64 key: no code behind the
+// list can reach the minimum. It gets the fp64 argmin among the candidates with its fp64 distance: exact mode's
+// answer. The other rows (near-ties, data whose norms dwarf its distances) are searched again by the fp32 search
+// (brgemm), exact mode if asked, so the worst case costs the prefilter plus the fp32 search.
 void search_fp32_via_bf16(const GroupedRows<float>& xm, const GroupedRows<float>& cm, Metric metric, bool exact,
                           EpilogueKind epi, const Outputs& out) {
   using RM = RowMatrix<float>;
