@@ -155,6 +155,10 @@ def test_row_strided_codebook_is_read_in_place():
         ("fp16", "avx2,avx512,avx512bf16,amx_bf16,amx_fp16", 256, "brgemm+amx,avx512"),
         ("fp16", "avx2,avx512,avx512bf16,amx_bf16", 256, "brgemm,avx512"),
         ("fp32", "avx2,avx512,amx_bf16", 256, "brgemm,avx512"),
+        # fp32 of 256 rows or more: the bf16 prefilter on AMX tiles, else on vdpbf16ps, where there is AVX512-BF16
+        ("fp32", "avx2,avx512,avx512bf16,amx_bf16", 256, "brgemm+amx+rescore,avx512"),
+        ("fp32", "avx2,avx512,avx512bf16", 256, "avx512bf16+rescore,avx512"),
+        ("fp32", "avx2,avx512,avx512bf16", 255, "brgemm,avx512"),
         ("fp32", "neon", 256, "brgemm,neon"),
         ("fp64", "avx2,avx512", 256, "mm,scalar"),
         # few rows: the GEMV kernel on vector CPUs, whatever the bf16 tiles
@@ -181,6 +185,12 @@ def test_overrides_and_their_errors(monkeypatch):
     assert _ext.C.cpu_choose("fp32", "avx2,avx512,avx512bf16", 3, "gemv-avx512bf16") == "gemv,avx512"
     with pytest.raises(RuntimeError, match="gemv-avx512bf16 but this CPU has no AVX512-BF16"):
         _ext.C.cpu_choose("bf16", "avx2,avx512", 3, "gemv-avx512bf16")
+    # the fp32 prefilter: on either bf16 tile kernel (rounding needs AVX512-BF16); other dtypes take the tile below
+    assert _ext.C.cpu_choose("fp32", "avx2,avx512,avx512bf16", 20, "brgemm+rescore") == "brgemm+rescore,avx512"
+    assert _ext.C.cpu_choose("bf16", "avx2,avx512,avx512bf16", 300, "brgemm+rescore") == "brgemm,avx512"
+    assert _ext.C.cpu_choose("bf16", "avx2,avx512,avx512bf16", 300, "avx512bf16+rescore") == "avx512bf16,avx512"
+    with pytest.raises(RuntimeError, match="avx512bf16\\+rescore but this CPU has no AVX512-BF16"):
+        _ext.C.cpu_choose("fp32", "avx2,avx512,amx_bf16", 300, "avx512bf16+rescore")
     with pytest.raises(RuntimeError, match="cannot run it"):
         _ext.C.cpu_choose("fp32", "avx2", 256, None, "avx512")
     with pytest.raises(ValueError, match="VQK_CPU_TILE must be"):
@@ -242,9 +252,9 @@ def test_results_do_not_depend_on_the_thread_count(dt, bn, monkeypatch):
 
 
 # ---- fp32 through the bf16 prefilter (csrc/cpu/search.cpp, search_fp32_via_bf16) ------------------------------
-PREFILTER = "avx512bf16+rescore"
+PREFILTER = ("avx512bf16+rescore", "brgemm+amx+rescore")
 needs_prefilter = pytest.mark.skipif(
-    not any(v["tile"] == PREFILTER for v in _ext.cpu_variants("fp32", 300)), reason="the CPU has no AVX512-BF16"
+    _ext.cpu_plan("fp32", 300)["tile"] not in PREFILTER, reason="the CPU has no AVX512-BF16"
 )
 
 
@@ -256,7 +266,7 @@ def test_fp32_prefilter_returns_the_fp64_answer(metric):
     On Gaussian data nearly every row settles: the distances then match fp64 to the last bit or one ulp, which the
     fp32 search's distances (|x|^2 + key, rounded several times) do not."""
     x, cb = make_inputs(600, 5000, 64, torch.float32, seed=11)
-    assert _ext.cpu_plan("fp32", 600)["tile"] == PREFILTER
+    assert _ext.cpu_plan("fp32", 600)["tile"] in PREFILTER
     q = vq.quantize(x, cb, metric=metric, backend="cpu")
     check_search(x, cb, metric, q.codes, q.dist, exact=False, max_rows=600)
     best, arg = brute_distances(x, cb, metric, direct=True).min(1)
@@ -267,11 +277,13 @@ def test_fp32_prefilter_returns_the_fp64_answer(metric):
 
 
 @needs_prefilter
+@pytest.mark.parametrize("tile", ["avx512bf16+rescore", "brgemm+rescore"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_fp32_prefilter_falls_back_where_its_bound_is_loose(metric):
+def test_fp32_prefilter_falls_back_where_its_bound_is_loose(metric, tile, monkeypatch):
     """Far from the origin (|x| |c| much larger than the gaps between distances) the bf16 rounding swamps the gaps
     and the top-4 settles few rows: the rest go to the fp32 search. Norms outside 2^+-30 skip the prefilter
-    (vdpbf16ps flushes denormals). Every answer must still pass the oracle, in both modes."""
+    (vdpbf16ps flushes denormals). Every answer must still pass the oracle, in both modes, on either bf16 tile."""
+    monkeypatch.setenv("VQK_CPU_TILE", tile)
     x, cb = make_inputs(400, 3000, 32, torch.float64, seed=5)
     far_x, far_cb = (x * 0.01 + 20).float(), (cb * 0.01 + 20).float()
     for xs, cs in ((far_x, far_cb), (x.float() * 1e-12, cb.float() * 1e-12), (x.float() * 1e12, cb.float() * 1e12)):

@@ -76,7 +76,6 @@ def collect() -> dict:
         "threads": torch.get_num_threads(),
         "extension": "loaded" if _ext.available() else f"missing: {_ext.load_error}",
         "extension_cuda": _ext.with_cuda(),
-        "cpu_bf16_tile_kernel": getattr(_ext.C, "cpu_bf16_tile_kernel", None) if _ext.available() else None,
         "cpu_features": _ext.cpu_features(),
         "cpu_plans": cpu_plans(),
         "backends": {name: {dev: b.why_not(dev) or "available" for dev in b.devices} for name, b in BACKENDS.items()},

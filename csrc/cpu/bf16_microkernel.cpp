@@ -74,12 +74,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void round_to_bf
   }
 }
 
-// [n, D] rows of m (from row i0) rounded into buf, contiguous
-void round_rows(const RowMatrix<float>& m, int64_t i0, int64_t n, std::vector<at::BFloat16>& buf) {
-  buf.resize(size_t(n) * m.D);
-  for (int64_t i = 0; i < n; ++i) round_to_bf16(m.row(i0 + i), m.D, buf.data() + i * m.D);
-}
-
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rounding_norms_row(const float* v, int64_t D,
                                                                                          double* out) {
   __m512d s = _mm512_setzero_pd(), r = s, t = s;
@@ -117,16 +111,9 @@ void bf16_rounding_norms(const RowMatrix<float>& m, int64_t i0, int64_t i1, doub
   }
 }
 
-void Fp32ViaBf16Gemm::load_cols(Scratch& s, int64_t c0, int64_t nc) const {
-  const int64_t D = cols_.D;
-  round_rows(cols_, c0, nc, s.rounded);
-  Bf16Avx512Gemm({nullptr, D, 0, D}, {s.rounded.data(), D, nc, D}).load_cols(s.inner, 0, nc);
-}
-
-void Fp32ViaBf16Gemm::tile(Scratch& s, int64_t r0, int64_t m, int64_t nc, float* out, int64_t ldt) const {
-  const int64_t D = rows_.D;
-  round_rows(rows_, r0, m, s.rounded);
-  Bf16Avx512Gemm({s.rounded.data(), D, m, D}, {nullptr, D, 0, D}).tile(s.inner, 0, m, nc, out, ldt);
+void round_rows_to_bf16(const RowMatrix<float>& m, int64_t i0, int64_t n, std::vector<at::BFloat16>& buf) {
+  buf.resize(size_t(n) * m.D);
+  for (int64_t i = 0; i < n; ++i) round_to_bf16(m.row(i0 + i), m.D, buf.data() + i * m.D);
 }
 
 void Bf16Avx512Gemm::load_cols(Scratch& s, int64_t c0, int64_t nc) const {

@@ -51,35 +51,56 @@ class Bf16Avx512Gemm {
   int64_t D2;
 };
 
-// fp32 operands rounded to bf16 (round to nearest even) on their way into Bf16Avx512Gemm: the column block when
-// it is packed, each code tile into a per-thread buffer of the tile's size (the codebook is never copied whole).
-// The dot products are those of the rounded operands, off the fp32 ones by up to about 2^-7 |x| |c|: this is the
-// prefilter of the fp32 "avx512bf16+rescore" search (search.cpp), which re-scores its candidates in fp64.
+// Rows i0 .. i0 + n - 1 of m rounded to bf16 (to nearest even, vcvtneps2bf16) into buf [n, D], contiguous.
+// Call only where cpu_features().avx512bf16.
+void round_rows_to_bf16(const RowMatrix<float>& m, int64_t i0, int64_t n, std::vector<at::BFloat16>& buf);
+
 // Per row of m (rows i0 .. i1 - 1): |v|^2, |v - bf16(v)|^2 and |bf16(v)|^2 in fp64, bf16(v) rounded exactly as
-// Fp32ViaBf16Gemm rounds it, into sq / resid / rounded [i1 - i0]. Call only where cpu_features().avx512bf16.
+// round_rows_to_bf16 rounds it, into sq / resid / rounded [i1 - i0]. Call only where cpu_features().avx512bf16.
 void bf16_rounding_norms(const RowMatrix<float>& m, int64_t i0, int64_t i1, double* sq, double* resid,
                          double* rounded);
 
-class Fp32ViaBf16Gemm {
+// fp32 operands rounded to bf16 on their way into a bf16 tile kernel (Inner: Bf16Avx512Gemm, or ATen's brgemm,
+// which runs on AMX tiles where the CPU has them): the column block when it is packed, each code tile into a
+// per-thread buffer of the tile's size (the codebook is never copied whole). The dot products are those of the
+// rounded operands, off the fp32 ones by up to about 2^-7 |x| |c|: this is the prefilter of the fp32
+// "avx512bf16+rescore" / "brgemm+rescore" searches (search.cpp), which re-score their candidates in fp64.
+template <typename Inner>
+class RoundedToBf16 {
  public:
   using scalar_t = float;
   using acc_t = float;
-  static constexpr int64_t kRowAlign = Bf16Avx512Gemm::kRowAlign;
-  static constexpr int64_t kRowPad = Bf16Avx512Gemm::kRowPad;
-  static constexpr int64_t kColAlign = Bf16Avx512Gemm::kColAlign;
+  static constexpr int64_t kRowAlign = Inner::kRowAlign;
+  static constexpr int64_t kRowPad = Inner::kRowPad;
+  static constexpr int64_t kColAlign = Inner::kColAlign;
   struct Scratch {
-    Bf16Avx512Gemm::Scratch inner;
-    std::vector<at::BFloat16> rounded;  // the column block, then each code tile, rounded to bf16 ([n, D])
+    typename Inner::Scratch inner;
+    std::vector<at::BFloat16> cols, rows;  // the column block [nc, D] and the current code tile [m, D], rounded
+    int64_t nc = 0;
   };
 
   // Call only where cpu_features().avx512bf16.
-  Fp32ViaBf16Gemm(const RowMatrix<float>& rows, const RowMatrix<float>& cols) : rows_(rows), cols_(cols) {}
+  RoundedToBf16(const RowMatrix<float>& rows, const RowMatrix<float>& cols) : rows_(rows), cols_(cols) {}
 
-  void load_cols(Scratch& s, int64_t c0, int64_t nc) const;
-  void tile(Scratch& s, int64_t r0, int64_t m, int64_t nc, float* out, int64_t ldt) const;
-  void release() const {}
+  void load_cols(Scratch& s, int64_t c0, int64_t nc) const {
+    round_rows_to_bf16(cols_, c0, nc, s.cols);
+    s.nc = nc;
+    inner(nullptr, 0, s).load_cols(s.inner, 0, nc);
+  }
+  void tile(Scratch& s, int64_t r0, int64_t m, int64_t nc, float* out, int64_t ldt) const {
+    round_rows_to_bf16(rows_, r0, m, s.rows);
+    inner(s.rows.data(), m, s).tile(s.inner, 0, m, nc, out, ldt);
+  }
+  void release() const {
+    const int64_t D = rows_.D;
+    Inner({nullptr, D, 0, D}, {nullptr, D, 0, D}).release();
+  }
 
  private:
+  Inner inner(const at::BFloat16* rows, int64_t m, const Scratch& s) const {
+    const int64_t D = rows_.D;
+    return Inner({rows, D, m, D}, {s.cols.data(), D, s.nc, D});
+  }
   RowMatrix<float> rows_, cols_;
 };
 #endif

@@ -123,16 +123,20 @@ TileKind choose_tile(const std::string& dtype, const CpuFeatures& f, const char*
     // torch.matmul on the same CPU, measured on Sapphire Rapids)
     if (dtype == "bf16" && f.avx512bf16 && !f.amx_bf16) return TileKind::Avx512Bf16;
     // fp32 at twice fp32's FMA rate: vdpbf16ps on operands rounded to bf16, the candidates re-scored in fp64
-    if (dtype == "fp32" && f.avx512bf16 && rows >= kRescoreRows) return TileKind::Bf16Rescore;
+    if (dtype == "fp32" && f.avx512bf16 && rows >= kRescoreRows)
+      return f.amx_bf16 ? TileKind::BrgemmRescore : TileKind::Bf16Rescore;
     return TileKind::Brgemm;
   }
   const std::string t = tile_env;
   if (t == "brgemm" || t == "brgemm+amx") return TileKind::Brgemm;
   if (t == "gemv") return TileKind::Gemv;
-  if (t == "avx512bf16+rescore") {
-    if (dtype != "fp32") return choose_tile(dtype, f, "avx512bf16", nullptr, rows);  // bf16 needs no rounding
-    if (!f.avx512bf16) throw std::runtime_error("VQK_CPU_TILE=avx512bf16+rescore but this CPU has no AVX512-BF16");
-    return TileKind::Bf16Rescore;
+  if (t == "avx512bf16+rescore" || t == "brgemm+rescore" || t == "brgemm+amx+rescore") {
+    const bool on_brgemm = t != "avx512bf16+rescore";
+    // an fp32 search: bf16 needs no rounding and takes the tile underneath, the other dtypes keep theirs
+    if (dtype != "fp32") return choose_tile(dtype, f, on_brgemm ? "brgemm" : "avx512bf16", nullptr, rows);
+    // the rounding to bf16 is vcvtneps2bf16's
+    if (!f.avx512bf16) throw std::runtime_error("VQK_CPU_TILE=" + t + " but this CPU has no AVX512-BF16");
+    return on_brgemm ? TileKind::BrgemmRescore : TileKind::Bf16Rescore;
   }
   if (t == "gemv-avx512bf16") {
     if (dtype != "bf16") return TileKind::Gemv;  // a bf16 kernel: other dtypes take the GEMV kernel they have
@@ -144,7 +148,8 @@ TileKind choose_tile(const std::string& dtype, const CpuFeatures& f, const char*
     if (!f.avx512bf16) throw std::runtime_error("VQK_CPU_TILE=avx512bf16 but this CPU has no AVX512-BF16");
     return TileKind::Avx512Bf16;
   }
-  throw std::invalid_argument("VQK_CPU_TILE must be auto, brgemm, avx512bf16, avx512bf16+rescore, gemv or gemv-avx512bf16; got '" + t + "'");
+  throw std::invalid_argument("VQK_CPU_TILE must be auto, brgemm, avx512bf16, avx512bf16+rescore, brgemm+rescore, gemv or gemv-avx512bf16; "
+                              "got '" + t + "'");
 }
 
 EpilogueKind choose_epilogue(const std::string& dtype, const CpuFeatures& f, const char* epilogue_env) {
@@ -218,6 +223,7 @@ std::string tile_name(TileKind kind, const std::string& dtype, const CpuFeatures
     case TileKind::Gemv: return "gemv";
     case TileKind::GemvBf16: return "gemv-avx512bf16";
     case TileKind::Bf16Rescore: return "avx512bf16+rescore";
+    case TileKind::BrgemmRescore: return f.amx_bf16 ? "brgemm+amx+rescore" : "brgemm+rescore";
     case TileKind::Brgemm:
       if ((dtype == "bf16" && f.amx_bf16) || (dtype == "fp16" && f.amx_fp16)) return "brgemm+amx";
       return "brgemm";
@@ -248,6 +254,7 @@ std::string cpu_variants(const std::string& dtype, int64_t rows) {
     // the GEMV kernel only where it could be the right one (few rows): on big blocks it is no contender
     const std::pair<TileKind, bool> all[] = {{TileKind::Avx512Bf16, dtype == "bf16" && f.avx512bf16},
                                              {TileKind::Bf16Rescore, dtype == "fp32" && f.avx512bf16 && rows >= kGemvRows},
+                                             {TileKind::BrgemmRescore, dtype == "fp32" && f.avx512bf16 && rows >= kGemvRows},
                                              {TileKind::Brgemm, true},
                                              {TileKind::Gemv, rows < kGemvRows},
                                              {TileKind::GemvBf16, rows < kGemvRows && dtype == "bf16" && f.avx512bf16}};

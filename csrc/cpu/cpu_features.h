@@ -13,10 +13,11 @@
 //                brgemm when the CPU has usable AMX-BF16 (oneDNN runs it on AMX tiles), else our AVX512-BF16
 //                micro-kernel when the CPU has AVX512-BF16, else ATen's brgemm; fp16: ATen's brgemm (on AMX-FP16
 //                tiles where the CPU has them); fp32: on CPUs with AVX512-BF16 and at least 256 rows the bf16 prefilter
-//                ("avx512bf16+rescore": the AVX512-BF16 micro-kernel on operands rounded to bf16, a top-4 per row,
-//                the candidates within the rounding bound re-scored in fp64), else ATen's brgemm; fp64: at::mm.
+//                (operands rounded to bf16, a top-4 per row, the candidates within the rounding bound re-scored in
+//                fp64) on ATen's brgemm where the CPU has usable AMX-BF16 ("brgemm+amx+rescore"), else on the
+//                AVX512-BF16 micro-kernel ("avx512bf16+rescore"); else ATen's brgemm; fp64: at::mm.
 //   epilogue     fp32: AVX-512, else AVX2 + FMA, else NEON (aarch64), else scalar; fp64: scalar.
-// VQK_CPU_TILE=auto|brgemm|avx512bf16|avx512bf16+rescore|gemv|gemv-avx512bf16 and VQK_CPU_EPILOGUE=auto|avx512|avx2|neon|scalar force a choice (a forced
+// VQK_CPU_TILE=auto|brgemm|avx512bf16|avx512bf16+rescore|brgemm+rescore|gemv|gemv-avx512bf16 and VQK_CPU_EPILOGUE=auto|avx512|avx2|neon|scalar force a choice (a forced
 // kernel the CPU cannot run is an error that says so); VQK_CPU_BF16_BRGEMM=1 is the older name of
 // VQK_CPU_TILE=brgemm for bf16.
 #pragma once
@@ -47,7 +48,7 @@ struct CpuFeatures {
 // The features of this CPU (detected once).
 const CpuFeatures& cpu_features();
 
-enum class TileKind { Brgemm, Avx512Bf16, Gemv, GemvBf16, Bf16Rescore, Mm };
+enum class TileKind { Brgemm, Avx512Bf16, Gemv, GemvBf16, Bf16Rescore, BrgemmRescore, Mm };
 // fp32 searches of at least this many input rows (per group) take the bf16 prefilter with fp64 re-scoring on CPUs
 // with AVX512-BF16 (search.cpp): below it the rounding of the codes per tile is not paid back.
 constexpr int64_t kRescoreRows = 256;
@@ -76,8 +77,8 @@ int64_t block_rows(int64_t N, int64_t G = 1);
 // Features from a comma list of names() (to test the choice for CPUs this one is not).
 CpuFeatures features_from_names(const std::string& names);
 
-// Names: "brgemm" (or "brgemm+amx" where oneDNN runs it on AMX tiles), "avx512bf16", "avx512bf16+rescore", "gemv",
-// "gemv-avx512bf16", "mm"; "avx512",
+// Names: "brgemm" (or "brgemm+amx" where oneDNN runs it on AMX tiles), "avx512bf16", "avx512bf16+rescore",
+// "brgemm+rescore" (or "brgemm+amx+rescore"), "gemv", "gemv-avx512bf16", "mm"; "avx512",
 // "avx2", "neon", "scalar".
 std::string tile_name(TileKind kind, const std::string& dtype, const CpuFeatures& features);
 const char* epilogue_name(EpilogueKind kind);

@@ -426,9 +426,10 @@ bool rounding_norms(const GroupedRows<float>& m, std::vector<double>& n, std::ve
   return ok.load();
 }
 
-// fp32 through a bf16 prefilter (TileKind::Bf16Rescore, README "Backends"): the AVX512-BF16 micro-kernel on
-// operands rounded to bf16 (Fp32ViaBf16Gemm) at twice the fp32 FMA rate, exact mode's top-4 per row, and every
-// candidate that the rounding may have put behind the true minimum re-scored in fp64.
+// fp32 through a bf16 prefilter (TileKind::Bf16Rescore / BrgemmRescore, README "Method" §1.3a): a bf16 tile kernel
+// on operands rounded to bf16 (RoundedToBf16: vdpbf16ps at twice the fp32 FMA rate, or AMX tiles through brgemm),
+// exact mode's top-4 per row, and every candidate that the rounding may have put behind the true minimum re-scored
+// in fp64.
 //
 // The bound, per row x against codes c (x~, c~ rounded to bf16; products of bf16 are exact in fp32):
 //   |x . c - fl(x~ . c~)| <= |x . (c - c~)| + |(x - x~) . c~| + gamma_D |x~| |c~|
@@ -443,8 +444,9 @@ bool rounding_norms(const GroupedRows<float>& m, std::vector<double>& n, std::ve
 // list can reach the minimum. It gets the fp64 argmin among the candidates with its fp64 distance: exact mode's
 // answer. The other rows (near-ties, data whose norms dwarf its distances) are searched again by the fp32 search
 // (brgemm), exact mode if asked, so the worst case costs the prefilter plus the fp32 search.
+// on_brgemm: the rounded tiles go to ATen's brgemm (AMX tiles where the CPU has them), else to Bf16Avx512Gemm.
 void search_fp32_via_bf16(const GroupedRows<float>& xm, const GroupedRows<float>& cm, Metric metric, bool exact,
-                          EpilogueKind epi, const Outputs& out) {
+                          EpilogueKind epi, const Outputs& out, bool on_brgemm) {
   using RM = RowMatrix<float>;
   auto fp32_grid = [&](const GroupedRows<float>& x, const GroupedRows<float>& c, const Outputs& o) {
     search_grid<float>([](const RM& cc, const RM& r) { return AtenTileGemm<float>(cc, r); }, x, c, metric, exact,
@@ -480,8 +482,14 @@ void search_fp32_via_bf16(const GroupedRows<float>& xm, const GroupedRows<float>
   GridOptions opt;
   opt.row_bound = bound.data();
   opt.redo = redo.data();
-  search_grid<float>([](const RM& c, const RM& r) { return Fp32ViaBf16Gemm(c, r); }, xm, cm, metric,
-                     /*exact=*/true, epi, Outputs{out.codes, out.dist, nullptr, nullptr}, opt);
+  const Outputs pre{out.codes, out.dist, nullptr, nullptr};
+  if (on_brgemm) {
+    search_grid<float>([](const RM& c, const RM& r) { return RoundedToBf16<AtenTileGemm<at::BFloat16>>(c, r); }, xm,
+                       cm, metric, /*exact=*/true, epi, pre, opt);
+  } else {
+    search_grid<float>([](const RM& c, const RM& r) { return RoundedToBf16<Bf16Avx512Gemm>(c, r); }, xm, cm, metric,
+                       /*exact=*/true, epi, pre, opt);
+  }
   float* dist = static_cast<float*>(out.dist);
   for (int64_t g = 0; g < G; ++g) {
     std::vector<int64_t> rows;
@@ -543,7 +551,8 @@ void search_kernel(const at::Tensor& x, const at::Tensor& cb, Metric metric, boo
                                    exact, epi, out);
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (tile == TileKind::Bf16Rescore) return search_fp32_via_bf16(xm, cm, metric, exact, epi, out);
+    if (tile == TileKind::Bf16Rescore || tile == TileKind::BrgemmRescore)
+      return search_fp32_via_bf16(xm, cm, metric, exact, epi, out, tile == TileKind::BrgemmRescore);
   }
 #endif
   if constexpr (!std::is_same_v<scalar_t, double>) {
