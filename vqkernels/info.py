@@ -143,10 +143,10 @@ def print_cpu_kernels(plans: dict[str, dict]) -> None:
             f"{v['tile']}/{v['epilogue']}" + (" (auto)" if i == 0 else "") for i, v in enumerate(p["variants"])
         )
         now = f"{p['tile']}/{p['epilogue']}"
-        print(f"  {dt:<5} {now:<24} can run: {can or 'not reported'}")
+        print(f"  {dt:<5} {now:<26} can run: {can or 'not reported'}")
         few = p.get("few_rows")
         if few is not None and (few["tile"], few["epilogue"]) != (p["tile"], p["epilogue"]):
-            print(f"  {'':<5} {few['tile'] + '/' + few['epilogue']:<24} for searches of fewer than 16 rows")
+            print(f"  {'':<5} {few['tile'] + '/' + few['epilogue']:<26} for searches of fewer than 16 rows")
 
 
 if __name__ == "__main__":
