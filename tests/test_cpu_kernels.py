@@ -305,3 +305,24 @@ def test_fp32_prefilter_reports_non_finite_values():
     bad[11, 0] = float("inf")
     with pytest.raises(ValueError, match="codebook contains non-finite"):
         vq.quantize(x, bad, backend="cpu")
+
+
+@needs_prefilter
+@pytest.mark.parametrize("tile", ["avx512bf16+rescore", "brgemm+rescore"])
+def test_fp32_prefilter_does_not_depend_on_the_thread_count(tile, monkeypatch):
+    """Which rows the prefilter settles depends on the last bits of its keys: its row blocks keep one shape on any
+    thread count (oneDNN may choose its brgemm kernel by the tile's shape), so codes and distances do not change."""
+    monkeypatch.setenv("VQK_CPU_TILE", tile)
+    x, cb = make_inputs(600, 3000, 40, torch.float32, seed=4)
+    far_x, far_cb = x + 3, cb + 3  # about a third of the rows settle, the rest are searched again in fp32
+    old = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append([vq.nearest_code(a, b, metric="l2", backend="cpu") for a, b in ((x, cb), (far_x, far_cb))])
+    finally:
+        torch.set_num_threads(old)
+    for run in runs[1:]:
+        for (codes, dist), (codes0, dist0) in zip(run, runs[0]):
+            assert torch.equal(codes, codes0) and torch.equal(dist, dist0)

@@ -174,10 +174,14 @@ EpilogueKind choose_epilogue(const std::string& dtype, const CpuFeatures& f, con
   throw std::invalid_argument("VQK_CPU_EPILOGUE must be auto, avx512, avx2, neon or scalar; got '" + e + "'");
 }
 
-int64_t block_rows(int64_t N, int64_t G) {
-  const int64_t nthreads = at::get_num_threads();
+int64_t block_rows(int64_t N, int64_t G, bool thread_independent) {
   const char* v = std::getenv("VQK_CPU_BM");
   const int64_t bm = (v == nullptr || *v == '\0') ? 256 : std::max<int64_t>(1, std::atoll(v));
+  if (thread_independent) {  // as few blocks as bm allows, of equal size (the threads split the codes if need be)
+    const int64_t blocks = std::max<int64_t>(1, (N + bm - 1) / bm);
+    return std::max<int64_t>(1, (N + blocks - 1) / blocks);
+  }
+  const int64_t nthreads = at::get_num_threads();
   return std::max<int64_t>(1, std::min<int64_t>({bm, N, (G * N + nthreads - 1) / nthreads}));
 }
 

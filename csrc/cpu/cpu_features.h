@@ -71,8 +71,9 @@ TileKind tile_kind(const std::string& dtype, int64_t rows);
 EpilogueKind epilogue_kind(const std::string& dtype);
 
 // Input rows per task block of a search of G groups of N rows each (a block holds rows of one group only):
-// VQK_CPU_BM (default 256), fewer when the G * N rows are few so that every thread gets rows, and at most N.
-int64_t block_rows(int64_t N, int64_t G = 1);
+// VQK_CPU_BM (default 256), fewer when the G * N rows are few so that every thread gets rows, and at most N; with
+// thread_independent, the fewest blocks of at most VQK_CPU_BM rows, of equal size, whatever the thread count.
+int64_t block_rows(int64_t N, int64_t G = 1, bool thread_independent = false);
 
 // Features from a comma list of names() (to test the choice for CPUs this one is not).
 CpuFeatures features_from_names(const std::string& names);

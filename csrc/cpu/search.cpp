@@ -122,6 +122,7 @@ struct FusesNorms<Gemm, std::void_t<decltype(Gemm::kFusesNorms)>> : std::bool_co
 struct GridOptions {
   const double* row_bound = nullptr;  // [G * N] a bound on the error of every key of the row (then redo is needed)
   uint8_t* redo = nullptr;            // [G * N]
+  bool fixed_blocks = false;          // row blocks of VQK_CPU_BM rows whatever the thread count (block_rows)
 };
 
 template <typename scalar_t, typename MakeGemm>
@@ -143,7 +144,8 @@ void search_grid(MakeGemm&& make_gemm, const GroupedRows<scalar_t>& x, const Gro
   // ---- the grid ------------------------------------------------------------------------------------------------
   // a GEMV kernel reads each code once per row block: its few rows stay in one block (the threads split the codes
   // instead), else every block would stream the whole codebook from memory again
-  const int64_t BM = FusesNorms<Gemm>::value && N < kGemvRows ? std::max<int64_t>(N, 1) : block_rows(N, G);
+  const int64_t BM =
+      FusesNorms<Gemm>::value && N < kGemvRows ? std::max<int64_t>(N, 1) : block_rows(N, G, opt.fixed_blocks);
   const int64_t nblk = (N + BM - 1) / BM;  // row blocks per group
   const int64_t blocks = G * nblk;
   // the tile's row stride: a padded block of rows; for blocks of one row, 1 (the row is then contiguous and the
@@ -482,6 +484,9 @@ void search_fp32_via_bf16(const GroupedRows<float>& xm, const GroupedRows<float>
   GridOptions opt;
   opt.row_bound = bound.data();
   opt.redo = redo.data();
+  // which rows settle depends on the keys' last bits: tiles of the same shape on any thread count keep them the
+  // same (oneDNN may pick its brgemm kernel by the tile's shape), so the answer does not follow the thread count
+  opt.fixed_blocks = true;
   const Outputs pre{out.codes, out.dist, nullptr, nullptr};
   if (on_brgemm) {
     search_grid<float>([](const RM& c, const RM& r) { return RoundedToBf16<AtenTileGemm<at::BFloat16>>(c, r); }, xm,
