@@ -473,7 +473,9 @@ void search_fp32_via_bf16(const GroupedRows<float>& xm, const GroupedRows<float>
     for (int64_t i = g * N; i < (g + 1) * N; ++i) {
       double e;
       switch (metric) {
-        case Metric::L2: e = 2.0 * (xn[i] * dcmax + (dx[i] + gD * xt[i]) * ctmax) + 3.0 * u * (cmax * cmax + 2.0 * xt[i] * ctmax); break;
+        case Metric::L2:
+          e = 2.0 * (xn[i] * dcmax + (dx[i] + gD * xt[i]) * ctmax) + 3.0 * u * (cmax * cmax + 2.0 * xt[i] * ctmax);
+          break;
         case Metric::Cosine: e = xn[i] * rdc + (dx[i] + gD * xt[i]) * rct + 3.0 * u * xt[i] * rct; break;
         default: e = xn[i] * dcmax + (dx[i] + gD * xt[i]) * ctmax + 2.0 * u * xt[i] * ctmax; break;
       }
