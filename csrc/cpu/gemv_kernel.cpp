@@ -16,13 +16,6 @@
 namespace vqkernels::cpu {
 namespace {
 
-template <typename T>
-double sum_squares_fp64(const T* v, int64_t D) {
-  double s = 0.0;
-  for (int64_t d = 0; d < D; ++d) s += static_cast<double>(v[d]) * static_cast<double>(v[d]);
-  return s;
-}
-
 // out[j * ldt + c] for codes j < m (rows + j * ldr, D elements) and packed inputs c < nc (xs + c * Dp, fp32).
 template <typename T>
 void gemv_scalar(const T* rows, int64_t ldr, int64_t D, int64_t m, const float* xs, int64_t Dp, int64_t nc,
@@ -366,9 +359,12 @@ void GemvTile<scalar_t>::tile_norms(Scratch& s, int64_t r0, int64_t m, int64_t n
       if (sq != nullptr && fp64_squares_) sum_squares_rows(rows_, r0, r0 + m, sq);
       if (fp32_sq) {
         for (int64_t j = 0; j < m; ++j) {
-          const float v = s.sq32[j];
           // overflow of fp32 (finite codes of norm >= 2^64) or a NaN / Inf: the fp64 sum decides
-          sq[j] = std::isfinite(v) ? double(v) : sum_squares_fp64(rows + j * rows_.ld, rows_.D);
+          if (std::isfinite(s.sq32[j])) {
+            sq[j] = s.sq32[j];
+          } else {
+            sum_squares_rows(rows_, r0 + j, r0 + j + 1, sq + j);
+          }
         }
       }
       return;

@@ -113,18 +113,18 @@ struct FusesNorms : std::false_type {};
 template <typename Gemm>
 struct FusesNorms<Gemm, std::void_t<decltype(Gemm::kFusesNorms)>> : std::bool_constant<Gemm::kFusesNorms> {};
 
-// The search over a grid of (group, row block, code split) tasks, with one tile kernel: make_gemm(codes, rows)
-// builds it for one group's codebook and rows. Rows of all groups are numbered together, row i of group g being
-// row g * N + i of the outputs (codes, dist, zq) and of the per-row buffers.
 // What a search on a prefilter (search_fp32_via_bf16) changes in exact mode: a bound on every key's error per row
 // (row_bound, in place of key_error_bound's), and the rows that their top-4 list cannot settle are flagged in redo
 // (and left unwritten) instead of re-scanned against every code.
 struct GridOptions {
   const double* row_bound = nullptr;  // [G * N] a bound on the error of every key of the row (then redo is needed)
   uint8_t* redo = nullptr;            // [G * N]
-  bool fixed_blocks = false;          // row blocks of VQK_CPU_BM rows whatever the thread count (block_rows)
+  bool fixed_blocks = false;          // row blocks of a shape that does not follow the thread count (block_rows)
 };
 
+// The search over a grid of (group, row block, code split) tasks, with one tile kernel: make_gemm(codes, rows)
+// builds it for one group's codebook and rows. Rows of all groups are numbered together, row i of group g being
+// row g * N + i of the outputs (codes, dist, zq) and of the per-row buffers.
 template <typename scalar_t, typename MakeGemm>
 void search_grid(MakeGemm&& make_gemm, const GroupedRows<scalar_t>& x, const GroupedRows<scalar_t>& cb,
                  Metric metric, bool exact, EpilogueKind epi, const Outputs& out, const GridOptions& opt = {}) {
@@ -230,17 +230,21 @@ void search_grid(MakeGemm&& make_gemm, const GroupedRows<scalar_t>& x, const Gro
     const scalar_t* xr = x.row(g, r - g * N);
     const double* cn = terms.cnorm.data() + g * K;
     const double xn = xnorm[r];
-    if (opt.row_bound != nullptr) {
-      // a prefilter's keys, each within E of its true key: every candidate re-scored, and the row settled when no
-      // code behind the list (keys >= the last one's) can have a true key at or below the best candidate's
-      double bd = std::numeric_limits<double>::infinity();
-      int64_t bc = -1;
+    double bd = std::numeric_limits<double>::infinity();
+    int64_t bc = -1;
+    // the candidates whose fast keys are at most limit, re-scored in fp64 (ties to the lowest index)
+    auto rescore_candidates = [&](double limit) {
       for (int p = 0; p < kTopT; ++p) {
         const int64_t c = ti[p * ts];
-        if (c < 0) break;
+        if (c < 0 || double(tv[p * ts]) > limit) break;
         const double dk = rescore(xr, cb.row(g, c), D, metric, xn, cn[c]);
         if (bc < 0 || dk < bd || (dk == bd && c < bc)) { bd = dk; bc = c; }
       }
+    };
+    if (opt.row_bound != nullptr) {
+      // a prefilter's keys, each within E of its true key: every candidate re-scored, and the row settled when no
+      // code behind the list (keys >= the last one's) can have a true key at or below the best candidate's
+      rescore_candidates(std::numeric_limits<double>::infinity());
       const double best_key = metric == Metric::L2       ? bd - xsq[r]
                               : metric == Metric::Cosine ? (bd - 1.0) * std::max(xn, num::kCosEps)
                                                          : bd;
@@ -254,20 +258,13 @@ void search_grid(MakeGemm&& make_gemm, const GroupedRows<scalar_t>& x, const Gro
     }
     const double thresh = num::exact_threshold(static_cast<int>(metric), xn, cmax[g], double(tv[0]), gamma);
     const bool overflow = ti[(kTopT - 1) * ts] >= 0 && double(tv[(kTopT - 1) * ts]) <= thresh;
-    double bd = std::numeric_limits<double>::infinity();
-    int64_t bc = -1;
     if (overflow) {
       for (int64_t k = 0; k < K; ++k) {
         const double dk = rescore(xr, cb.row(g, k), D, metric, xn, cn[k]);
         if (dk < bd || bc < 0) { bd = dk; bc = k; }
       }
     } else {
-      for (int p = 0; p < kTopT; ++p) {
-        const int64_t c = ti[p * ts];
-        if (c < 0 || double(tv[p * ts]) > thresh) break;
-        const double dk = rescore(xr, cb.row(g, c), D, metric, xn, cn[c]);
-        if (bc < 0 || dk < bd || (dk == bd && c < bc)) { bd = dk; bc = c; }
-      }
+      rescore_candidates(thresh);
     }
     emit(g, r, bc, static_cast<acc_t>(bd), my_hist);
   };
