@@ -29,7 +29,7 @@ def with_cuda() -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # The C++ CPU op's kernel choice (csrc/cpu/cpu_features.cpp): which tile GEMM and which epilogue run for a dtype on
 # this CPU, and every combination that can run here. The environment forces a choice: VQK_CPU_TILE
-# (auto|brgemm|avx512bf16|avx512bf16+rescore|gemv|gemv-avx512bf16) and VQK_CPU_EPILOGUE
+# (auto|brgemm|avx512bf16|avx512bf16+rescore|brgemm+rescore|gemv|gemv-avx512bf16) and VQK_CPU_EPILOGUE
 # (auto|avx512|avx2|neon|scalar); the C++ op reads them per call.
 # ---------------------------------------------------------------------------------------------------------------
 CPU_TILE_ENV = "VQK_CPU_TILE"
